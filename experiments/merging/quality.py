@@ -1,0 +1,111 @@
+"""Figures of merit for a merge: CC1/2 and CCanom between half-datasets, CC to a reference, truth checks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["pearson", "resolution_bins", "cc_by_resolution", "merged_table", "half_dataset_cc",
+           "anomalous_differences", "reference_cc", "truth_metrics"]
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < 3:
+        return float("nan")
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def resolution_bins(dhkl: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-count shells in 1/d^2: (bin index per row, edges in A from low to high resolution)."""
+    s2 = 1.0 / np.square(dhkl)
+    edges = np.quantile(s2, np.linspace(0, 1, n_bins + 1))
+    which = np.clip(np.searchsorted(edges, s2, side="right") - 1, 0, n_bins - 1)
+    return which, 1.0 / np.sqrt(edges)
+
+
+def cc_by_resolution(x: np.ndarray, y: np.ndarray, dhkl: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    which, edges = resolution_bins(dhkl, n_bins)
+    rows = [{"d_max": edges[b], "d_min": edges[b + 1], "n": int((which == b).sum()),
+             "cc": pearson(x[which == b], y[which == b])} for b in range(n_bins)]
+    return pd.DataFrame(rows)
+
+
+def merged_table(data, moments: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per model reflection in the data's original units: H, K, L, friedel, half, dHKL, F..N."""
+    f = np.sqrt(data.norm)
+    table = pd.DataFrame({
+        "H": data.hkl[:, 0], "K": data.hkl[:, 1], "L": data.hkl[:, 2], "friedel": data.friedel,
+        "half": data.half if data.half is not None else 0, "dHKL": data.dhkl,
+        "centric": data.centric.numpy(),
+        "F": moments["F_mean"] * f, "SIGF": moments["F_sd"] * f,
+        "I": moments["I_mean"] * data.norm, "SIGI": moments["I_sd"] * data.norm,
+        "N": data.n_per_refl(),
+    })
+    return table
+
+
+def _pivot(table: pd.DataFrame, value: str, column: str) -> pd.DataFrame:
+    return table.pivot_table(index=["H", "K", "L", "friedel"], columns=column, values=value, aggfunc="first")
+
+
+def anomalous_differences(table: pd.DataFrame, value: str = "I", by: str | None = None) -> pd.DataFrame:
+    """value(+) - value(-) per acentric reflection with both mates (optionally per ``by`` group, e.g. half)."""
+    idx = ["H", "K", "L"] + ([by] if by else [])
+    acentric = table[table["friedel"] != 0]
+    wide = acentric.pivot_table(index=idx, columns="friedel", values=[value, "dHKL"], aggfunc="first").dropna()
+    if wide.empty:
+        return pd.DataFrame(columns=["dano", "dHKL"])
+    out = pd.DataFrame({"dano": wide[(value, 1)] - wide[(value, -1)], "dHKL": wide[("dHKL", 1)]})
+    return out
+
+
+def half_dataset_cc(halves: pd.DataFrame, n_bins: int = 10) -> tuple[dict, pd.DataFrame]:
+    """CC1/2 of intensities (overall and per shell) and, with Friedel mates separate, CCanom between halves."""
+    wide = halves.pivot_table(index=["H", "K", "L", "friedel"], columns="half", values=["I", "dHKL"], aggfunc="first")
+    wide = wide.dropna()
+    i1, i2, d = wide[("I", 0)].to_numpy(), wide[("I", 1)].to_numpy(), wide[("dHKL", 0)].to_numpy()
+    shells = cc_by_resolution(i1, i2, d, n_bins).rename(columns={"cc": "cc_half"})
+    out = {"cc_half": pearson(i1, i2), "n_cc_half": int(len(i1))}
+    if (halves["friedel"] != 0).any():
+        dano = anomalous_differences(halves, "I", by="half").reset_index()
+        wide_a = dano.pivot_table(index=["H", "K", "L"], columns="half", values=["dano", "dHKL"]).dropna()
+        if len(wide_a) >= 3:
+            a1, a2 = wide_a[("dano", 0)].to_numpy(), wide_a[("dano", 1)].to_numpy()
+            out["cc_anom_half"] = pearson(a1, a2)
+            out["n_cc_anom_half"] = int(len(a1))
+            shells["cc_anom_half"] = cc_by_resolution(a1, a2, wide_a[("dHKL", 0)].to_numpy(), n_bins)["cc"]
+    return out, shells
+
+
+def reference_cc(merged, reference) -> dict:
+    """CC of mean intensities with a reference merge, and of anomalous differences when both have them.
+
+    ``merged`` and ``reference`` are rs.DataSets indexed by ASU H, K, L with I (and I(+), I(-)).
+    """
+    joined = merged[["I"]].join(reference[["I"]], rsuffix="_ref", how="inner")
+    out = {"cc_ref": pearson(joined["I"].to_numpy(float), joined["I_ref"].to_numpy(float)), "n_ref": int(len(joined))}
+    if {"I(+)", "I(-)"} <= set(merged.columns) and {"I(+)", "I(-)"} <= set(reference.columns):
+        a = (merged["I(+)"] - merged["I(-)"]).rename("d")
+        b = (reference["I(+)"] - reference["I(-)"]).rename("d_ref")
+        j = pd.concat([a, b], axis=1, join="inner").astype(float).dropna()
+        out["cc_anom_ref"] = pearson(j["d"].to_numpy(), j["d_ref"].to_numpy())
+        out["n_anom_ref"] = int(len(j))
+    return out
+
+
+def truth_metrics(f_est: np.ndarray, lower: np.ndarray, upper: np.ndarray, f_true: np.ndarray, dhkl: np.ndarray) -> dict:
+    """CC to the true amplitudes, and coverage of the intervals after a relative scale and B between the two.
+
+    The overall scale and B of a merge are not identifiable from unmerged data alone (``k F^2`` is invariant
+    to ``k -> c k, F -> F / sqrt(c)``), so truth is put on the merge's scale by a weighted fit of
+    ``log F_est - log F_true = a - b / (4 d^2)`` on reflections with F_est > 3 sd before counting coverage.
+    """
+    ok = np.isfinite(f_est) & np.isfinite(f_true) & (f_true > 0)
+    f_est, lower, upper, f_true, dhkl = (a[ok] for a in (f_est, lower, upper, f_true, dhkl))
+    strong = f_est > np.quantile(f_est, 0.3)
+    x = 1.0 / (4 * dhkl[strong] ** 2)
+    coef = np.polyfit(x, np.log(f_est[strong]) - np.log(f_true[strong]), 1)
+    aligned = f_true * np.exp(np.polyval(coef, 1.0 / (4 * dhkl**2)))
+    inside = (aligned >= lower) & (aligned <= upper)
+    return {"cc_truth": pearson(f_est, f_true), "coverage90": float(inside.mean()),
+            "truth_rel_scale": float(np.exp(coef[1])), "truth_rel_b": float(-coef[0])}

@@ -1,0 +1,60 @@
+"""Writing run outputs atomically, and the run-directory conventions every job follows."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["atomic_write", "write_json", "write_metrics", "protect_inputs"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], protect: tuple = ()) -> Path:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``: readers never see a partial file.
+
+    Refuses to write onto any path in ``protect`` (the user's inputs).
+    """
+    path = Path(path)
+    for p in protect:
+        if p is not None and Path(p).resolve() == path.resolve():
+            raise ValueError(f"refusing to overwrite the input file {p}: choose another output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:
+        x = x.item()
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN/inf
+    return x
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=True)
+    return atomic_write(path, lambda p: p.write_text(text + "\n"))
+
+
+def write_metrics(output_dir: str | os.PathLike, metrics: dict) -> Path:
+    """Write ``metrics.json``: the run's headline figures, so sweeps compare without re-reading posteriors."""
+    return write_json(Path(output_dir) / "metrics.json", metrics)
+
+
+def protect_inputs(*paths: str | os.PathLike | None) -> tuple[Path, ...]:
+    return tuple(Path(p).resolve() for p in paths if p is not None)
