@@ -24,7 +24,7 @@ class PositiveTruncatedNormal(TorchDistribution):
     """``Normal(loc, scale)`` restricted to ``x >= 0``."""
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    support = constraints.positive
+    support = constraints.nonnegative  # F = 0 is possible (centric; folded draws)
     has_rsample = True
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     t0 = time.perf_counter()
     metrics = task(cfg, output_dir)
     metrics = {**metrics, "wall_time_total": round(time.perf_counter() - t0, 3), "seed": int(cfg.get("seed", 0)),
-               "threads": torch.get_num_threads(), "output_dir": str(output_dir)}
+               "threads": torch.get_num_threads(), "output_dir": str(output_dir),
+               # peak resident memory of this process so far (Linux reports KiB)
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     write_metrics(output_dir, metrics)
     log.info("outputs in %s", output_dir)
     return metrics

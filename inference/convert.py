@@ -12,6 +12,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.subsample_messenger import _Subsample
 
 __all__ = ["site_dims", "draw_from_guide", "to_inference_data", "summarize"]
 
@@ -25,13 +26,13 @@ def site_dims(trace) -> dict[str, list[str]]:
     """Dim names of every sample site: plate names for batch dims, ``<site>_dim_k`` otherwise."""
     dims: dict[str, list[str]] = {}
     for name, site in trace.nodes.items():
-        if site["type"] != "sample":
-            continue
+        if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+            continue  # plates record their subsample indices as sample sites
         value = site["value"]
         event_dim = site["fn"].event_dim if hasattr(site["fn"], "event_dim") else 0
         batch_ndim = value.dim() - event_dim
         by_dim = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
-        names = [by_dim.get(d - event_dim if False else d, f"{name}_dim_{k}") for k, d in enumerate(range(-batch_ndim, 0))]
+        names = [by_dim.get(d, f"{name}_dim_{k}") for k, d in enumerate(range(-batch_ndim, 0))]
         names += [f"{name}_event_{k}" for k in range(event_dim)]
         dims[name] = names
     return dims
@@ -90,8 +91,9 @@ def to_inference_data(
     kwargs = {k: v for k, v in model_kwargs.items() if k != "subsample"}
     tr = _trace(model, kwargs)
     dims = site_dims(tr)
-    observed = [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"] and not n.startswith("_")]
-    observed = [n for n in observed if not isinstance(tr.nodes[n]["fn"], pyro.distributions.Unit)]
+    # observed data sites; pyro.factor sites (Unit distributions) are priors/penalties, not data
+    observed = [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]
+                and not isinstance(s["fn"], pyro.distributions.Unit)]
     posterior = {k: v.detach().cpu().numpy() for k, v in draws.items()}
     obs_data = {o: tr.nodes[o]["value"].detach().cpu().numpy() for o in observed}
     loglik = _pointwise_log_lik(model, kwargs, draws, observed) if (log_likelihood and observed) else None

@@ -57,8 +57,9 @@ class SVIEngine:
     max_steps, min_steps : int
         Step budget; no convergence test before ``min_steps``.
     window, rtol : int, float
-        Converged when the mean loss of the last ``window`` steps differs from the window before by less than
-        ``rtol`` times its magnitude.
+        Converged when the mean loss of the last ``window`` steps improved on the window before by less than
+        ``rtol`` times the total improvement since the first window (scale-free, and safe when the loss
+        crosses zero).
     batch_size : int, optional
         Minibatch size over the data plate (epochs of random permutations); ``None`` = full batch.
     checkpoint_every : int
@@ -109,6 +110,7 @@ class SVIEngine:
             "params": pyro.get_param_store().get_state(),
             "optim": self.optim.get_state(),
             "rng": pyro.util.get_rng_state(),
+            "batch_rng": self._generator.get_state(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -120,6 +122,7 @@ class SVIEngine:
         pyro.get_param_store().set_state(state["params"])
         self.optim.set_state(state["optim"])
         pyro.util.set_rng_state(state["rng"])
+        self._generator.set_state(state["batch_rng"])
         return int(state["step"]), list(state["losses"])
 
     # -- main loop -----------------------------------------------------------------------------------
@@ -136,8 +139,8 @@ class SVIEngine:
         w = self.window
         if len(losses) < max(self.min_steps, 2 * w):
             return False
-        new, old = np.mean(losses[-w:]), np.mean(losses[-2 * w : -w])
-        return abs(new - old) <= self.rtol * max(abs(old), 1e-12)
+        new, old, first = np.mean(losses[-w:]), np.mean(losses[-2 * w : -w]), np.mean(losses[:w])
+        return (old - new) <= self.rtol * max(first - new, 1e-12)
 
     def run(
         self,
@@ -151,6 +154,8 @@ class SVIEngine:
         ckpt = self.checkpoint_path or Path(workdir) / "checkpoint.pt"
         result = SVIResult()
         start_step = 0
+        # minibatch order has its own generator, saved in checkpoints, so a resumed run continues the same stream
+        self._generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.resume:
             if not ckpt.exists():
                 raise FileNotFoundError(
@@ -161,8 +166,7 @@ class SVIEngine:
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)
         svi = SVI(model, guide, self.optim, loss=self.loss)
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        batches = self._batches(n_data, gen)
+        batches = self._batches(n_data, self._generator)
         t0 = time.perf_counter()
         step = start_step
         bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI", dynamic_ncols=True, mininterval=1.0)

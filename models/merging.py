@@ -29,7 +29,8 @@ class MergingModel(PyroModule):
     F : Tensor, shape (n_refl,), plate "refl" (dim -1)
         Amplitude of each unique reflection (Friedel mates separate in anomalous mode), Wilson prior.
     I : Tensor, shape (n_obs,) or (batch,), plate "obs" (dim -1), observed
-        Each unmerged intensity, ``likelihood(exp(log_scale) * F[refl]^2, sigma)``; subsampled when
+        Each unmerged intensity, ``likelihood(exp(log_scale) * F[refl]^2, sigma')`` with ``sigma'`` the
+        reported sigma passed through the error model (if any); subsampled when
         ``subsample`` (indices into the observations) is given, with the ELBO rescaled by Pyro.
 
     The scale model may add a ``pyro.factor`` site (e.g. ``"image_scale_smoothness"``).
@@ -43,6 +44,9 @@ class MergingModel(PyroModule):
         ``n_images`` and ``n_features``.
     likelihood : callable
         ``likelihood(loc, sigma) -> Distribution``.
+    error_model : nn.Module, optional
+        ``error_model(sigma, loc) -> sigma'`` inflating the reported sigmas for systematic error
+        (see :class:`~physppl.models.components.error_model.ErrorModel`); ``None`` uses them as reported.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class MergingModel(PyroModule):
         sigma_n: torch.Tensor,
         scale: nn.Module | Callable[..., nn.Module],
         likelihood: Callable = NormalLikelihood(),
+        error_model: nn.Module | None = None,
         n_images: int | None = None,
         n_features: int | None = None,
     ):
@@ -61,6 +66,7 @@ class MergingModel(PyroModule):
         self.register_buffer("sigma_n", torch.as_tensor(sigma_n, dtype=torch.get_default_dtype()))
         self.scale = scale if isinstance(scale, nn.Module) else scale(n_images=n_images, n_features=n_features)
         self.likelihood = likelihood
+        self.error_model = error_model
 
     @property
     def n_refl(self) -> int:
@@ -82,4 +88,5 @@ class MergingModel(PyroModule):
             log_scale = self.scale(image[idx], metadata[idx], inv_d2[idx])
             loc = log_scale.exp() * F[..., refl[idx]].square()
             obs = None if intensity is None else intensity[idx]
-            return pyro.sample("I", self.likelihood(loc, sigma[idx]), obs=obs)
+            sd = sigma[idx] if self.error_model is None else self.error_model(sigma[idx], loc)
+            return pyro.sample("I", self.likelihood(loc, sd), obs=obs)

@@ -28,7 +28,9 @@ from . import plots
 from .data import MergingData, initial_estimates
 from .quality import half_dataset_cc, merged_table, reference_cc, truth_metrics
 
-__all__ = ["run", "fit", "FitResult", "to_merged_mtz"]
+__all__ = ["run", "fit", "FitResult", "to_merged_mtz", "OUTPUT_FILES"]
+
+OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "checkpoint.pt")
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def fit(
         sample_stats = {"diverging": result.diverging}
     else:
         raise TypeError(f"inference must be an SVIEngine or NUTSEngine, got {type(engine).__name__}")
-    with torch.no_grad():
+    with torch.no_grad(), pyro.poutine.block():  # block: the scale's smoothness factor is not an observation here
         obs_log_scale = model.scale(data.image, data.metadata, data.inv_d2).numpy()
     idata = None
     if inference_data:
@@ -172,6 +174,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     ds, truth = source.load()
     data = source.prepare(ds)
     protect = protect_inputs(source.path, source.reference)
+    for name in OUTPUT_FILES:  # fail before any long run, not at the end
+        if (out / name).resolve() in protect:
+            raise ValueError(f"refusing to overwrite the input file {out / name}: choose another hydra.run.dir")
     estimator = instantiate(cfg.model)
     needs_pyro = not isinstance(estimator, ScaledWeightedMean)
     guide_factory = instantiate(cfg.guide) if needs_pyro else None

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["pearson", "resolution_bins", "cc_by_resolution", "merged_table", "half_dataset_cc",
-           "anomalous_differences", "reference_cc", "truth_metrics"]
+           "anomalous_differences", "reference_cc", "align_truth", "truth_metrics"]
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -93,19 +93,32 @@ def reference_cc(merged, reference) -> dict:
     return out
 
 
-def truth_metrics(f_est: np.ndarray, lower: np.ndarray, upper: np.ndarray, f_true: np.ndarray, dhkl: np.ndarray) -> dict:
-    """CC to the true amplitudes, and coverage of the intervals after a relative scale and B between the two.
+def align_truth(f_est: np.ndarray, f_true: np.ndarray, dhkl: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Put true amplitudes on a merge's scale: one factor per resolution shell, interpolated in 1/d^2.
 
-    The overall scale and B of a merge are not identifiable from unmerged data alone (``k F^2`` is invariant
-    to ``k -> c k, F -> F / sqrt(c)``), so truth is put on the merge's scale by a weighted fit of
-    ``log F_est - log F_true = a - b / (4 d^2)`` on reflections with F_est > 3 sd before counting coverage.
+    The overall scale of a merge and its variation with resolution are not identifiable from unmerged data
+    (``k(d) F^2`` is invariant to ``k -> c(d) k, F -> F / sqrt(c(d))``; only the Wilson prior weakly pins
+    ``c``), so comparing with truth needs this smooth factor; each shell's factor is the median log ratio of
+    its stronger half of reflections, so it is robust and ~1% precise with ~100 reflections per shell.
     """
+    s2 = 1.0 / np.square(dhkl)
+    which, _ = resolution_bins(dhkl, n_bins)
+    centers, logs = [], []
+    for b in range(n_bins):
+        sel = (which == b) & (f_est > 0) & (f_true > 0)
+        strong = sel & (f_true >= np.median(f_true[sel])) if sel.any() else sel
+        if strong.sum() >= 5:
+            centers.append(s2[which == b].mean())
+            logs.append(np.median(np.log(f_est[strong] / f_true[strong])))
+    if not centers:
+        return f_true
+    return f_true * np.exp(np.interp(s2, centers, logs))
+
+
+def truth_metrics(f_est: np.ndarray, lower: np.ndarray, upper: np.ndarray, f_true: np.ndarray, dhkl: np.ndarray) -> dict:
+    """CC to the true amplitudes, and coverage of the intervals after aligning truth by :func:`align_truth`."""
     ok = np.isfinite(f_est) & np.isfinite(f_true) & (f_true > 0)
     f_est, lower, upper, f_true, dhkl = (a[ok] for a in (f_est, lower, upper, f_true, dhkl))
-    strong = f_est > np.quantile(f_est, 0.3)
-    x = 1.0 / (4 * dhkl[strong] ** 2)
-    coef = np.polyfit(x, np.log(f_est[strong]) - np.log(f_true[strong]), 1)
-    aligned = f_true * np.exp(np.polyval(coef, 1.0 / (4 * dhkl**2)))
+    aligned = align_truth(f_est, f_true, dhkl)
     inside = (aligned >= lower) & (aligned <= upper)
-    return {"cc_truth": pearson(f_est, f_true), "coverage90": float(inside.mean()),
-            "truth_rel_scale": float(np.exp(coef[1])), "truth_rel_b": float(-coef[0])}
+    return {"cc_truth": pearson(f_est, f_true), "coverage90": float(inside.mean()), "n_truth": int(ok.sum())}

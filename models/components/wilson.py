@@ -33,7 +33,7 @@ class Wilson(TorchDistribution):
     """
 
     arg_constraints = {"sigma": constraints.positive}
-    support = constraints.positive
+    support = constraints.nonnegative  # F = 0 is possible (centric; folded draws)
     has_rsample = True
 
     def __init__(self, sigma: torch.Tensor, centric: torch.Tensor, validate_args=None):

@@ -1,0 +1,110 @@
+"""The merging job end to end on tiny simulated data: outputs, formats, modes, reproducibility, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import arviz as az
+import numpy as np
+import pytest
+import reciprocalspaceship as rs
+from hydra import compose, initialize_config_module
+
+from physppl.inference.app import run
+
+TINY = ["data.simulate.dmin=4.5", "data.simulate.n_images=40", "inference.max_steps=150", "inference.min_steps=150",
+        "inference.progress=false", "n_draws=20"]
+
+
+def _run(tmp_path, overrides, name="run"):
+    with initialize_config_module("physppl.conf", version_base="1.3"):
+        cfg = compose("config", overrides=TINY + overrides)
+    return run(cfg, tmp_path / name), tmp_path / name
+
+
+def test_default_job_writes_every_output(tmp_path):
+    metrics, out = _run(tmp_path, [])
+    for f in ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "loss.png", "scale.png",
+              "wilson.png", "cc_half.png", "truth.png", "checkpoint.pt"):
+        assert (out / f).is_file(), f
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("final_loss", "wall_time", "steps", "cc_half", "cc_truth", "coverage90", "n_obs", "n_refl"):
+        assert key in saved and saved[key] is not None, key
+    merged = rs.read_mtz(str(out / "merged.mtz"))
+    assert {"F", "SIGF", "I", "SIGI", "N"} <= set(merged.columns)
+    assert merged.spacegroup.hm == "P 43 21 2" and merged.cell.a == pytest.approx(79.3, abs=0.01)
+    assert int(merged["N"].sum()) == saved["n_obs"]
+    assert len(merged) == saved["n_refl"] and (merged["SIGF"] > 0).all() and (merged["F"] > 0).all()
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert idata.posterior["F"].dims == ("chain", "draw", "refl")
+    assert idata.posterior["F"].shape == (1, 20, saved["n_refl"])
+    assert "H" in idata.posterior.coords and "dHKL" in idata.posterior.coords
+    assert idata.log_likelihood["I"].dims == ("chain", "draw", "obs")
+    assert idata.observed_data["I"].shape == (saved["n_obs"],)
+    # the merged MTZ and the posterior agree: F is the posterior mean (up to Monte Carlo error of 20 draws)
+    post_mean = idata.posterior["F"].mean(("chain", "draw")).values
+    hkl = np.column_stack([idata.posterior.coords[c].values for c in "HKL"])
+    mtz = merged.reset_index().set_index(["H", "K", "L"])["F"]
+    mtz_f = mtz.loc[list(map(tuple, hkl))].to_numpy()
+    # F in the MTZ is in original units; posterior draws are in normalised units: compare shapes by correlation
+    assert np.corrcoef(post_mean, mtz_f)[0, 1] > 0.999
+
+
+def test_anomalous_mode_writes_friedel_columns(tmp_path):
+    metrics, out = _run(tmp_path, ["+experiment=merging_anomalous"])
+    merged = rs.read_mtz(str(out / "merged.mtz"))
+    assert {"F(+)", "SIGF(+)", "F(-)", "SIGF(-)", "I(+)", "I(-)", "N(+)", "N(-)"} <= set(merged.columns)
+    assert "cc_anom_half" in metrics
+    both = merged["F(+)"].notna() & merged["F(-)"].notna()
+    assert both.sum() > 0.5 * len(merged)
+
+
+def test_baseline_runs_with_the_same_outputs(tmp_path):
+    metrics, out = _run(tmp_path, ["+experiment=merging_baseline"])
+    assert metrics["engine"] == "weighted_mean"
+    for f in ("merged.mtz", "posterior.nc", "metrics.json", "cc_half.csv"):
+        assert (out / f).is_file()
+    assert metrics["cc_truth"] > 0.9
+
+
+def test_two_identical_jobs_agree(tmp_path):
+    """The parameter store is cleared per job: the second job must not start from the first one's fit."""
+    a, _ = _run(tmp_path, ["data.half_datasets=false"], "a")
+    b, _ = _run(tmp_path, ["data.half_datasets=false"], "b")
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+    assert a["cc_truth"] == pytest.approx(b["cc_truth"], rel=1e-6)
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    _run(tmp_path, ["data.half_datasets=false", "inference.max_steps=100", "inference.min_steps=300"], "r")
+    m, _ = _run(tmp_path, ["data.half_datasets=false", "inference.resume=true", "inference.max_steps=200",
+                           "inference.min_steps=300"], "r")
+    assert m["resumed_from"] == 100 and m["steps"] == 200
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.mtz"):
+        _run(tmp_path, [f"data.path={tmp_path / 'nope.mtz'}"])
+
+
+def test_input_is_never_overwritten(tmp_path, small_sim):
+    out = tmp_path / "run"
+    out.mkdir()
+    target = out / "merged.mtz"
+    small_sim[0].write_mtz(str(target))
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match="refusing to overwrite the input file"):
+        _run(tmp_path, [f"data.path={target}", "data.half_datasets=false"])
+    assert target.read_bytes() == before
+
+
+def test_command_line_reports_bad_input_without_traceback(tmp_path):
+    bad = tmp_path / "notes.mtz"
+    bad.write_text("not an mtz")
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "physppl.inference.app", f"data.path={bad}",
+                           f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "is not a readable MTZ file" in proc.stderr
+    assert "Traceback" not in proc.stderr
