@@ -84,8 +84,10 @@ class MergingModel(PyroModule):
     ) -> torch.Tensor:
         with pyro.plate("refl", self.n_refl, dim=-1):
             F = pyro.sample("F", wilson_prior(self.centric, self.epsilon, self.sigma_n))
-        with pyro.plate("obs", refl.shape[0], dim=-1, subsample=subsample) as idx:
-            log_scale = self.scale(image[idx], metadata[idx], inv_d2[idx])
+        idx = torch.arange(refl.shape[0]) if subsample is None else subsample
+        # the scale runs outside the plate: its own prior terms (pyro.factor) are global, not per observation
+        log_scale = self.scale(image[idx], metadata[idx], inv_d2[idx])
+        with pyro.plate("obs", refl.shape[0], dim=-1, subsample=idx):
             loc = log_scale.exp() * F[..., refl[idx]].square()
             obs = None if intensity is None else intensity[idx]
             sd = sigma[idx] if self.error_model is None else self.error_model(sigma[idx], loc)

@@ -66,4 +66,4 @@ def test_model_target_is_swappable(tiny):
 def test_default_is_svi_on_simulated_data():
     cfg = _compose([])
     assert cfg.data.path is None and cfg.inference._target_.endswith("SVIEngine")
-    assert cfg.optim._convert_ == "all"
+    assert cfg.optim.lr_by_prefix.scale < cfg.optim.lr

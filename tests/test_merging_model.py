@@ -119,3 +119,14 @@ def test_weighted_mean_recovers_block_scales_and_rejects_outliers():
     scale = np.exp(np.mean(np.log(res.mean / mu)))  # overall scale is a free gauge
     assert np.median(np.abs(res.mean / scale - mu) / res.sd) < 1.0
     assert res.outlier[bad].mean() > 0.9 and res.outlier[~bad].mean() < 0.01
+
+
+def test_scale_prior_is_counted_once(data):
+    """The smoothness factor is a global prior term: it must not be multiplied by the number of observations."""
+    model = MergingModel(**data.model_init(), scale=lambda **kw: S.ImageScale(smoothness=0.1, **kw))
+    with torch.no_grad():
+        model.scale.log_k = pyro.nn.PyroParam(torch.linspace(0, 1, data.n_images))
+    tr = poutine.trace(model).get_trace(**data.model_kwargs())
+    tr.compute_log_prob()
+    expected = -0.5 * (torch.linspace(0, 1, data.n_images).diff().square().sum() / 0.1**2)
+    assert torch.allclose(tr.nodes["image_scale_smoothness"]["log_prob_sum"], expected, rtol=1e-5)

@@ -201,7 +201,11 @@ def french_wilson(data: MergingData, mean: np.ndarray, sd: np.ndarray) -> pd.Dat
 
 
 def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = None) -> pd.DataFrame:
-    """Conventional merge (scaled weighted mean, then French-Wilson): the starting point of the guide."""
+    """Conventional merge (scaled weighted mean, then French-Wilson): the starting point of the guide.
+
+    The per-observation log-scales of that scaling are in ``.attrs["obs_log_scale"]``, to start the model's
+    scale from the same place.
+    """
     merger = merger or ScaledWeightedMean()
     res = merger.fit(data.intensity.numpy(), data.sigma.numpy(), data.refl.numpy(), data.image.numpy(), data.n_refl)
     mean = np.where(np.isfinite(res.mean), res.mean, 0.0)
@@ -209,6 +213,7 @@ def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = Non
     fw = french_wilson(data, mean, sd)
     fw["N"] = res.n
     fw["I_WM"], fw["SIGI_WM"] = mean, sd
+    fw.attrs["obs_log_scale"] = res.log_scale
     return fw
 
 

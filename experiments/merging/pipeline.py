@@ -23,6 +23,7 @@ from physppl.inference.nuts import NUTSEngine
 from physppl.inference.outputs import atomic_write, protect_inputs
 from physppl.inference.svi import SVIEngine
 from physppl.inference.weighted_mean import ScaledWeightedMean
+from physppl.models.components.scale import initialize_scale
 
 from . import plots
 from .data import MergingData, initial_estimates
@@ -94,12 +95,13 @@ def fit(
     else:
         init = initial_estimates(data)
     model = estimator(**data.model_init())
+    if init is not None:
+        initialize_scale(model.scale, data.image, torch.as_tensor(init.attrs["obs_log_scale"]))
     kwargs = data.model_kwargs()
     info: dict = {}
     losses: list[float] = []
     if isinstance(engine, SVIEngine):
-        f = np.sqrt(1.0)  # guide works in normalised units, like the model
-        guide = guide_factory(init_mean=init["F"].to_numpy() * f, init_sd=init["SIGF"].to_numpy() * f)
+        guide = guide_factory(init_mean=init["F"].to_numpy(), init_sd=init["SIGF"].to_numpy())
         result = engine.run(model, guide, n_data=data.n_obs, workdir=workdir, **kwargs)
         losses = result.losses
         moments = {k: v.detach().double().numpy() for k, v in guide.moments().items()}

@@ -19,7 +19,7 @@ from pyro.nn import PyroModule, PyroParam
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-__all__ = ["MLPScale", "ImageScale", "BFactorScale", "FixedScale", "CompositeScale"]
+__all__ = ["MLPScale", "ImageScale", "BFactorScale", "FixedScale", "CompositeScale", "initialize_scale"]
 
 
 class MLPScale(PyroModule):
@@ -55,11 +55,13 @@ class MLPScale(PyroModule):
 
 
 class ImageScale(PyroModule):
-    """One log-scale per image (optionally a B-factor per image), tied together by a random-walk prior.
+    """One log-scale per block of ``block_size`` images (optionally a B-factor), tied by a random-walk prior.
 
     The smoothness prior ``log k[b+1] - log k[b] ~ Normal(0, smoothness)`` (and likewise for B with
-    ``b_smoothness``) lets well-measured images inform their neighbours; it is a ``pyro.factor`` named
-    ``"image_scale_smoothness"``.
+    ``b_smoothness``) lets well-measured blocks inform their neighbours; it is a ``pyro.factor`` named
+    ``"image_scale_smoothness"``. Blocks of several images help sparse data: on the HEWL 5% subset (~14
+    observations per image) per-image scales fit noise (CC to the full-data merge 0.980 against 0.984 with
+    blocks of 20, conventional scaling).
     """
 
     def __init__(
@@ -69,10 +71,15 @@ class ImageScale(PyroModule):
         smoothness: float = 0.05,
         b_factor: bool = False,
         b_smoothness: float = 0.5,
+        block_size: int = 1,
     ):
         super().__init__()
         if n_images < 1:
             raise ValueError(f"ImageScale needs n_images >= 1, got {n_images}")
+        if block_size < 1:
+            raise ValueError(f"ImageScale needs block_size >= 1, got {block_size}")
+        self.block_size = int(block_size)
+        n_images = (n_images + self.block_size - 1) // self.block_size
         self.smoothness = float(smoothness)
         self.b_smoothness = float(b_smoothness)
         self.use_b = bool(b_factor)
@@ -80,14 +87,25 @@ class ImageScale(PyroModule):
         if self.use_b:
             self.b = PyroParam(torch.zeros(n_images))
 
+    @torch.no_grad()
+    def initialize_from(self, image: torch.Tensor, log_scale: torch.Tensor) -> bool:
+        """Start each image's log-scale at the mean of given per-observation log-scales (e.g. a conventional
+        scaling), so the model and a guide initialised from that scaling start consistent."""
+        n = self.log_k.shape[0]
+        block = image // self.block_size
+        count = torch.bincount(block, minlength=n).clamp(min=1)
+        self.log_k = PyroParam(torch.bincount(block, weights=log_scale.double(), minlength=n).float() / count)
+        return True
+
     def forward(self, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor) -> torch.Tensor:
         log_k = self.log_k
+        block = image // self.block_size
         penalty = log_k.diff().square().sum() / self.smoothness**2
-        out = log_k[image]
+        out = log_k[block]
         if self.use_b:
             b = self.b
             penalty = penalty + b.diff().square().sum() / self.b_smoothness**2
-            out = out - 0.5 * b[image] * inv_d2  # exp(-2 B s^2) with s^2 = 1/(4 d^2)
+            out = out - 0.5 * b[block] * inv_d2  # exp(-2 B s^2) with s^2 = 1/(4 d^2)
         pyro.factor("image_scale_smoothness", -0.5 * penalty)
         return out
 
@@ -99,6 +117,11 @@ class BFactorScale(PyroModule):
         super().__init__()
         self.log_k = PyroParam(torch.zeros(()))
         self.b = PyroParam(torch.zeros(()))
+
+    @torch.no_grad()
+    def initialize_from(self, image: torch.Tensor, log_scale: torch.Tensor) -> bool:
+        self.log_k = PyroParam(log_scale.float().mean())
+        return True
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor) -> torch.Tensor:
         return self.log_k - 0.5 * self.b * inv_d2
@@ -135,5 +158,18 @@ class CompositeScale(PyroModule):
             raise ValueError("CompositeScale needs at least one part")
         self.parts = PyroModule[nn.ModuleList](built)
 
+    def initialize_from(self, image: torch.Tensor, log_scale: torch.Tensor) -> bool:
+        """Initialise the first part that can be (only one, so the log-scales are not counted twice)."""
+        return any(initialize_scale(part, image, log_scale) for part in self.parts)
+
     def forward(self, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor) -> torch.Tensor:
         return sum(part(image, metadata, inv_d2) for part in self.parts)
+
+
+def initialize_scale(scale: nn.Module, image: torch.Tensor, log_scale: torch.Tensor) -> bool:
+    """Start ``scale`` from per-observation log-scales where the model supports it; True if it did.
+
+    Models without ``initialize_from`` (the MLP: it starts at scale 1; a fixed scale) are left as they are.
+    """
+    init = getattr(scale, "initialize_from", None)
+    return bool(init(image, log_scale)) if init is not None else False

@@ -1,0 +1,140 @@
+"""Merging benchmark on real data: physppl (variational), the weighted-mean baseline and, if installed, careless.
+
+Each method runs as its own process (so peak memory is its own), on the same CPU threads, and the table gives
+wall time, peak memory, CC to the reference merge, CCanom to the reference, CC1/2 and CCanom between
+half-datasets, with time ratios to the weighted mean (and to careless when it ran).
+
+    python experiments/benchmarks/merging.py                      # HEWL 5% subset and gamma
+    python experiments/benchmarks/merging.py --datasets hewl --careless-iterations 10000
+
+Data: ``../shared/data/xtal`` beside the repository (``--data-dir`` to change). Which comparison means what:
+on HEWL the 5% subset is compared with the AIMLESS merge of the full data (20x more observations), an
+independent better estimate; on gamma the reference merges the same observations (agreement, not superiority).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = {
+    "hewl": ("hewl_ssad_unmerged_5pct.mtz", "hewl_ssad_24idc_aimless_merged.mtz"),
+    "gamma": ("gamma_xe_aimless_unmerged.mtz", "gamma_xe_aimless_merged.mtz"),
+}
+
+
+def _timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, int]:
+    """Run ``cmd``; return wall seconds, peak RSS in MB (GNU time when present) and the exit code."""
+    time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
+    stats = log.with_suffix(".time")
+    full = [time_bin, "-f", "%e %M", "-o", str(stats)] + cmd if time_bin else cmd
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run(full, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    peak = float("nan")
+    if time_bin and stats.exists():
+        last = stats.read_text().strip().splitlines()[-1].split()
+        peak = float(last[1]) / 1024
+    return wall, peak, rc
+
+
+def _physppl(name: str, overrides: list[str], unmerged: Path, ref: Path, out: Path, env: dict) -> dict:
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "physppl.inference.app", f"data.path={unmerged}", f"data.reference={ref}",
+           f"hydra.run.dir={run_dir}", "inference.progress=false", *overrides]
+    wall, peak, rc = _timed(cmd, out / f"{name}.log", env)
+    if rc != 0:
+        return {"method": name, "error": f"exit {rc}, see {out / (name + '.log')}"}
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"method": name, "wall_s": wall, "peak_mb": peak, "cc_ref": m.get("cc_ref"),
+            "cc_anom_ref": m.get("cc_anom_ref"), "cc_half": m.get("cc_half"), "cc_anom_half": m.get("cc_anom_half"),
+            "steps": m.get("steps")}
+
+
+def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int) -> dict:
+    """careless mono with settings comparable to physppl's default: anomalous, Student-t, same metadata."""
+    import reciprocalspaceship as rs
+
+    from physppl.experiments.merging.quality import pearson
+    from physppl.inference.io.mtz import read_merged_mtz
+
+    run_dir = out / "careless"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = ["careless", "mono", "--anomalous", "--merge-half-datasets", f"--iterations={iterations}",
+           "--studentt-likelihood-dof=4", "--disable-progress-bar", "BATCH,dHKL,XDET,YDET", str(unmerged),
+           str(run_dir / "merge")]
+    wall, peak, rc = _timed(cmd, out / "careless.log", env)
+    if rc != 0:
+        return {"method": "careless", "error": f"exit {rc}, see {out / 'careless.log'}"}
+    merged = rs.read_mtz(str(run_dir / "merge_0.mtz"))
+    row = {"method": "careless", "wall_s": wall, "peak_mb": peak, "steps": iterations}
+    plus, minus = merged["F(+)"].to_numpy(float), merged["F(-)"].to_numpy(float)
+    sp, sm = merged["SigF(+)"].to_numpy(float), merged["SigF(-)"].to_numpy(float)
+    ip, im = plus**2 + sp**2, minus**2 + sm**2
+    mine = rs.DataSet({"I(+)": ip, "I(-)": im, "I": np.nanmean(np.stack([ip, im]), axis=0)}, index=merged.index)
+    reference = read_merged_mtz(ref, anomalous=True)
+    j = mine.join(reference[["I", "I(+)", "I(-)"]], rsuffix="_ref", how="inner")
+    row["cc_ref"] = pearson(j["I"].to_numpy(float), j["I_ref"].to_numpy(float))
+    row["cc_anom_ref"] = pearson((j["I(+)"] - j["I(-)"]).to_numpy(float), (j["I(+)_ref"] - j["I(-)_ref"]).to_numpy(float))
+    xval = run_dir / "merge_xval_0.mtz"
+    if xval.exists():
+        x = rs.read_mtz(str(xval)).reset_index()
+        x["I"] = x["F"].astype(float) ** 2 + x["SigF"].astype(float) ** 2
+        w = x[x["repeat"] == 0].pivot_table(index=["H", "K", "L"], columns="half", values="I")
+        row["cc_half"] = pearson(w[0].to_numpy(), w[1].to_numpy())
+    return row
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "xtal")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument("--out", type=Path, default=REPO / "outputs" / "benchmarks" / "merging")
+    p.add_argument("--threads", type=int, default=1, help="torch / TF intra-op threads for every method")
+    p.add_argument("--careless-iterations", type=int, default=10_000)
+    p.add_argument("--no-careless", action="store_true", help="skip careless even when installed")
+    p.add_argument("--physppl-overrides", nargs="*", default=[], help="extra Hydra overrides for physppl")
+    args = p.parse_args(argv)
+    if not args.data_dir.is_dir():
+        sys.exit(f"benchmark data not found at {args.data_dir}: pass --data-dir")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TF_NUM_INTRAOP_THREADS": str(args.threads),
+           "HYDRA_FULL_ERROR": "1"}
+    rows = []
+    for ds in args.datasets:
+        unmerged, ref = (args.data_dir / f for f in DATASETS[ds])
+        out = args.out / ds
+        out.mkdir(parents=True, exist_ok=True)
+        common = [f"threads={args.threads}"]
+        results = [
+            _physppl("physppl", ["+experiment=merging_anomalous", *common, *args.physppl_overrides], unmerged, ref, out, env),
+            _physppl("weighted_mean", ["+experiment=merging_baseline", "data.anomalous=true", *common], unmerged, ref, out, env),
+        ]
+        if shutil.which("careless") and not args.no_careless:
+            results.append(_careless(unmerged, ref, out, env, args.careless_iterations))
+        for r in results:
+            rows.append({"data": ds, **r})
+    table = pd.DataFrame(rows)
+    for anchor in ("weighted_mean", "careless"):
+        if anchor in set(table["method"]):
+            base = table[table["method"] == anchor].set_index("data")["wall_s"]
+            table[f"time_vs_{anchor}"] = table["wall_s"] / table["data"].map(base)
+    pd.set_option("display.width", 200)
+    print(f"threads={args.threads}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out / "merging_benchmark.csv", index=False)
+    return table
+
+
+if __name__ == "__main__":
+    main()
