@@ -14,7 +14,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 
-__all__ = ["site_dims", "draw_from_guide", "to_inference_data", "summarize"]
+__all__ = ["site_dims", "draw_from_guide", "to_inference_data", "draws_to_inference_data", "summarize"]
 
 
 def _trace(model: Callable, model_kwargs: dict):
@@ -94,17 +94,25 @@ def to_inference_data(
     # observed data sites; pyro.factor sites (Unit distributions) are priors/penalties, not data
     observed = [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]
                 and not isinstance(s["fn"], pyro.distributions.Unit)]
-    posterior = {k: v.detach().cpu().numpy() for k, v in draws.items()}
     obs_data = {o: tr.nodes[o]["value"].detach().cpu().numpy() for o in observed}
     loglik = _pointwise_log_lik(model, kwargs, draws, observed) if (log_likelihood and observed) else None
-    idata = az.from_dict(
-        posterior=posterior,
-        observed_data=obs_data or None,
-        log_likelihood=loglik,
-        sample_stats=sample_stats,
-        coords=coords,
-        dims={k: v for k, v in dims.items() if k in posterior or k in obs_data},
-    )
+    dims = {k: v for k, v in dims.items() if k in draws or k in obs_data}
+    return draws_to_inference_data(draws, dims, obs_data or None, loglik, sample_stats, coords, dim_coords)
+
+
+def draws_to_inference_data(
+    draws: dict[str, torch.Tensor | np.ndarray],
+    dims: dict[str, list[str]],
+    observed_data: dict[str, np.ndarray] | None = None,
+    log_likelihood: dict[str, np.ndarray] | None = None,
+    sample_stats: dict[str, np.ndarray] | None = None,
+    coords: dict[str, np.ndarray] | None = None,
+    dim_coords: dict[str, dict[str, np.ndarray]] | None = None,
+) -> az.InferenceData:
+    """InferenceData from draws (chains, draws, *shape) with named dims; also for estimators without a model."""
+    posterior = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in draws.items()}
+    idata = az.from_dict(posterior=posterior, observed_data=observed_data, log_likelihood=log_likelihood,
+                         sample_stats=sample_stats, coords=coords, dims=dims)
     for dim, extra in (dim_coords or {}).items():
         for group in idata.groups():
             ds = idata[group]

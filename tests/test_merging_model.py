@@ -130,3 +130,13 @@ def test_scale_prior_is_counted_once(data):
     tr.compute_log_prob()
     expected = -0.5 * (torch.linspace(0, 1, data.n_images).diff().square().sum() / 0.1**2)
     assert torch.allclose(tr.nodes["image_scale_smoothness"]["log_prob_sum"], expected, rtol=1e-5)
+
+
+def test_missing_detector_metadata_is_skipped_but_other_columns_are_errors(small_sim):
+    from physppl.inference.io.mtz import MTZInputError
+
+    ds = small_sim[0].drop(columns=["XDET", "YDET"])
+    data = prepare(ds)
+    assert data.feature_names == ["BATCH", "dHKL"] and data.n_features == 2
+    with pytest.raises(MTZInputError, match="LP"):
+        prepare(ds, metadata=["BATCH", "LP"])

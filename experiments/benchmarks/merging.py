@@ -61,7 +61,7 @@ def _physppl(name: str, overrides: list[str], unmerged: Path, ref: Path, out: Pa
             "steps": m.get("steps")}
 
 
-def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int) -> dict:
+def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int, exe: str = "careless") -> dict:
     """careless mono with settings comparable to physppl's default: anomalous, Student-t, same metadata."""
     import reciprocalspaceship as rs
 
@@ -70,7 +70,7 @@ def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int) 
 
     run_dir = out / "careless"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = ["careless", "mono", "--anomalous", "--merge-half-datasets", f"--iterations={iterations}",
+    cmd = [exe, "mono", "--anomalous", "--merge-half-datasets", f"--iterations={iterations}",
            "--studentt-likelihood-dof=4", "--disable-progress-bar", "BATCH,dHKL,XDET,YDET", str(unmerged),
            str(run_dir / "merge")]
     wall, peak, rc = _timed(cmd, out / "careless.log", env)
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--threads", type=int, default=1, help="torch / TF intra-op threads for every method")
     p.add_argument("--careless-iterations", type=int, default=10_000)
     p.add_argument("--no-careless", action="store_true", help="skip careless even when installed")
+    p.add_argument("--careless-bin", default=shutil.which("careless"),
+                   help="careless executable (e.g. from its own virtual environment; default: on PATH)")
     p.add_argument("--physppl-overrides", nargs="*", default=[], help="extra Hydra overrides for physppl")
     args = p.parse_args(argv)
     if not args.data_dir.is_dir():
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             _physppl("physppl", ["+experiment=merging_anomalous", *common, *args.physppl_overrides], unmerged, ref, out, env),
             _physppl("weighted_mean", ["+experiment=merging_baseline", "data.anomalous=true", *common], unmerged, ref, out, env),
         ]
-        if shutil.which("careless") and not args.no_careless:
-            results.append(_careless(unmerged, ref, out, env, args.careless_iterations))
+        if args.careless_bin and not args.no_careless:
+            results.append(_careless(unmerged, ref, out, env, args.careless_iterations, args.careless_bin))
         for r in results:
             rows.append({"data": ds, **r})
     table = pd.DataFrame(rows)

@@ -12,7 +12,7 @@ import reciprocalspaceship as rs
 import torch
 
 from physppl.inference.io.mtz import MTZInputError, read_unmerged_mtz
-from physppl.inference.weighted_mean import ScaledWeightedMean
+from physppl.inference.weighted_mean import ScaledWeightedMean, weighted_mean
 from physppl.models.components.wilson import wilson_sigma_by_resolution
 from physppl.models.simulators.merging import simulate_unmerged
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Metadata the scale model can use: MTZ columns, plus these derived ones.
 METADATA_CHOICES = ("BATCH", "dHKL", "Hobs", "Kobs", "Lobs")
+# Used when present, skipped with a warning when not: not every integration program writes them.
+OPTIONAL_METADATA = ("XDET", "YDET")
 
 
 @dataclass
@@ -120,6 +122,11 @@ def prepare(
         if len(ds) == 0:
             raise ValueError(f"{source}: no observations at resolution d >= dmin={dmin} A")
     missing = [m for m in metadata if m not in METADATA_CHOICES and m not in ds.columns]
+    optional = [m for m in missing if m in OPTIONAL_METADATA]
+    if optional:  # e.g. files converted from XDS or merged-then-unmerged data carry no detector positions
+        log.warning("%s: metadata %s not in the file; the scale model goes on without them", source, optional)
+        metadata = [m for m in metadata if m not in optional]
+        missing = [m for m in missing if m not in optional]
     if missing:
         raise MTZInputError(
             f"{source}: metadata column(s) {missing} not found; available: {list(ds.columns)} "
@@ -166,8 +173,6 @@ def prepare(
     meta = _standardise(np.column_stack(columns)) if columns else np.zeros((len(ds), 0))
 
     # Wilson scale from a quick unscaled weighted mean; the scale model learns what differs from it.
-    from physppl.inference.weighted_mean import weighted_mean
-
     mean_i, _ = weighted_mean(intensity, sigma, refl, len(uniq))
     sigma_n = wilson_sigma_by_resolution(mean_i, epsilon, dhkl)
 
@@ -204,7 +209,7 @@ def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = Non
     """Conventional merge (scaled weighted mean, then French-Wilson): the starting point of the guide.
 
     The per-observation log-scales of that scaling are in ``.attrs["obs_log_scale"]``, to start the model's
-    scale from the same place.
+    scale from the same place; the number of rejected outliers in ``.attrs["n_outliers"]``.
     """
     merger = merger or ScaledWeightedMean()
     res = merger.fit(data.intensity.numpy(), data.sigma.numpy(), data.refl.numpy(), data.image.numpy(), data.n_refl)
@@ -214,6 +219,7 @@ def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = Non
     fw["N"] = res.n
     fw["I_WM"], fw["SIGI_WM"] = mean, sd
     fw.attrs["obs_log_scale"] = res.log_scale
+    fw.attrs["n_outliers"] = int(res.outlier.sum())
     return fw
 
 

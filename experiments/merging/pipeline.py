@@ -17,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from physppl.inference.convert import draw_from_guide, summarize, to_inference_data
+from physppl.inference.convert import draw_from_guide, draws_to_inference_data, summarize, to_inference_data
 from physppl.inference.io.mtz import read_merged_mtz, write_mtz_atomic
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.outputs import atomic_write, protect_inputs
@@ -72,7 +72,6 @@ def fit(
     """Merge ``data`` with a Pyro model factory + guide + engine, or with a conventional estimator (``.fit``)."""
     t0 = time.perf_counter()
     if isinstance(estimator, ScaledWeightedMean):
-        res = estimator.fit(data.intensity.numpy(), data.sigma.numpy(), data.refl.numpy(), data.image.numpy(), data.n_refl)
         init = initial_estimates(data, estimator)
         moments = {"F_mean": init["F"].to_numpy(), "F_sd": init["SIGF"].to_numpy(),
                    "I_mean": init["I_WM"].to_numpy(), "I_sd": init["SIGI_WM"].to_numpy()}
@@ -82,21 +81,15 @@ def fit(
         draws = (loc + sd * torch.randn((1, n_draws, data.n_refl), generator=gen, dtype=loc.dtype)).abs().float()
         idata = None
         if inference_data:
-            import arviz as az
-
             coords, extra = _coords(data)
-            idata = az.from_dict(posterior={"F": draws.numpy()}, coords=coords, dims={"F": ["refl"]})
-            idata.posterior = idata.posterior.assign_coords({k: ("refl", v) for k, v in extra["refl"].items()})
-        info = {"engine": "weighted_mean", "wall_time": time.perf_counter() - t0, "outliers": int(res.outlier.sum())}
-        return FitResult(moments, draws, idata, [], info, res.log_scale)
+            idata = draws_to_inference_data({"F": draws}, {"F": ["refl"]}, coords=coords, dim_coords=extra)
+        info = {"engine": "weighted_mean", "wall_time": time.perf_counter() - t0, "outliers": init.attrs["n_outliers"]}
+        return FitResult(moments, draws, idata, [], info, init.attrs["obs_log_scale"])
 
-    if isinstance(engine, NUTSEngine):
-        init = None
-    else:
-        init = initial_estimates(data)
+    # the guide and the scale model both start from the conventional merge, so they start consistent
+    init = initial_estimates(data)
     model = estimator(**data.model_init())
-    if init is not None:
-        initialize_scale(model.scale, data.image, torch.as_tensor(init.attrs["obs_log_scale"]))
+    initialize_scale(model.scale, data.image, torch.as_tensor(init.attrs["obs_log_scale"]))
     kwargs = data.model_kwargs()
     info: dict = {}
     losses: list[float] = []
