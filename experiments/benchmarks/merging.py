@@ -61,6 +61,18 @@ def _physppl(name: str, overrides: list[str], unmerged: Path, ref: Path, out: Pa
             "steps": m.get("steps")}
 
 
+def _careless_intensities(merged):
+    """I(+), I(-) and their mean from careless's anomalous amplitudes: E[F^2] = F^2 + SigF^2 (as careless's own I)."""
+    import reciprocalspaceship as rs
+
+    ip = merged["F(+)"].to_numpy(float) ** 2 + merged["SigF(+)"].to_numpy(float) ** 2
+    im = merged["F(-)"].to_numpy(float) ** 2 + merged["SigF(-)"].to_numpy(float) ** 2
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(np.stack([ip, im]), axis=0)
+    return rs.DataSet({"I(+)": ip, "I(-)": im, "I": mean}, index=merged.index, spacegroup=merged.spacegroup,
+                      cell=merged.cell, merged=True)
+
+
 def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int, exe: str = "careless") -> dict:
     """careless mono with settings comparable to physppl's default: anomalous, Student-t, same metadata."""
     import reciprocalspaceship as rs
@@ -78,20 +90,20 @@ def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int, 
         return {"method": "careless", "error": f"exit {rc}, see {out / 'careless.log'}"}
     merged = rs.read_mtz(str(run_dir / "merge_0.mtz"))
     row = {"method": "careless", "wall_s": wall, "peak_mb": peak, "steps": iterations}
-    plus, minus = merged["F(+)"].to_numpy(float), merged["F(-)"].to_numpy(float)
-    sp, sm = merged["SigF(+)"].to_numpy(float), merged["SigF(-)"].to_numpy(float)
-    ip, im = plus**2 + sp**2, minus**2 + sm**2
-    mine = rs.DataSet({"I(+)": ip, "I(-)": im, "I": np.nanmean(np.stack([ip, im]), axis=0)}, index=merged.index)
+    mine = _careless_intensities(merged)
     reference = read_merged_mtz(ref, anomalous=True)
     j = mine.join(reference[["I", "I(+)", "I(-)"]], rsuffix="_ref", how="inner")
     row["cc_ref"] = pearson(j["I"].to_numpy(float), j["I_ref"].to_numpy(float))
     row["cc_anom_ref"] = pearson((j["I(+)"] - j["I(-)"]).to_numpy(float), (j["I(+)_ref"] - j["I(-)_ref"]).to_numpy(float))
     xval = run_dir / "merge_xval_0.mtz"
     if xval.exists():
-        x = rs.read_mtz(str(xval)).reset_index()
-        x["I"] = x["F"].astype(float) ** 2 + x["SigF"].astype(float) ** 2
-        w = x[x["repeat"] == 0].pivot_table(index=["H", "K", "L"], columns="half", values="I")
-        row["cc_half"] = pearson(w[0].to_numpy(), w[1].to_numpy())
+        x = rs.read_mtz(str(xval))
+        x = x[x["repeat"] == 0]
+        halves = [_careless_intensities(x[x["half"] == h].drop(columns=["repeat", "half"])) for h in (0, 1)]
+        both = halves[0].join(halves[1], rsuffix="_2", how="inner")
+        row["cc_half"] = pearson(both["I"].to_numpy(float), both["I_2"].to_numpy(float))
+        row["cc_anom_half"] = pearson((both["I(+)"] - both["I(-)"]).to_numpy(float),
+                                      (both["I(+)_2"] - both["I(-)_2"]).to_numpy(float))
     return row
 
 
