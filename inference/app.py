@@ -17,7 +17,7 @@ import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .outputs import write_metrics
 from .svi import TrainingDivergedError

@@ -14,17 +14,20 @@ __all__ = ["atomic_write", "write_json", "write_metrics", "protect_inputs"]
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], protect: tuple = ()) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``: readers never see a partial file.
 
-    Refuses to write onto any path in ``protect`` (the user's inputs).
+    Refuses to write onto any path in ``protect`` (the user's inputs). A replaced file keeps its permissions;
+    a new one gets 0644 (mkstemp's 0600 would hide outputs from collaborators).
     """
     path = Path(path)
     for p in protect:
         if p is not None and Path(p).resolve() == path.resolve():
             raise ValueError(f"refusing to overwrite the input file {p}: choose another output directory")
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -140,3 +140,20 @@ def test_missing_detector_metadata_is_skipped_but_other_columns_are_errors(small
     assert data.feature_names == ["BATCH", "dHKL"] and data.n_features == 2
     with pytest.raises(MTZInputError, match="LP"):
         prepare(ds, metadata=["BATCH", "LP"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_guide_family_traces_with_the_model(data, init, family):
+    model = MergingModel(**data.model_init(), scale=S.FixedScale)
+    guide = MergingGuide(init["F"].to_numpy(), init["SIGF"].to_numpy(), family=family)
+    kwargs = data.model_kwargs()
+    gtr = poutine.trace(guide).get_trace(**kwargs)
+    assert gtr.nodes["F"]["value"].shape == (data.n_refl,)
+    assert (gtr.nodes["F"]["value"] >= 0).all()
+    mtr = poutine.trace(poutine.replay(model, trace=gtr)).get_trace(**kwargs)
+    gtr.compute_log_prob()
+    mtr.compute_log_prob()
+    elbo = mtr.log_prob_sum() - gtr.log_prob_sum()
+    assert torch.isfinite(elbo)
+    for k, v in guide.moments().items():
+        assert v.shape == (data.n_refl,) and torch.isfinite(v).all(), k

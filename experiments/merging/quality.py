@@ -44,10 +44,6 @@ def merged_table(data, moments: dict[str, np.ndarray]) -> pd.DataFrame:
     return table
 
 
-def _pivot(table: pd.DataFrame, value: str, column: str) -> pd.DataFrame:
-    return table.pivot_table(index=["H", "K", "L", "friedel"], columns=column, values=value, aggfunc="first")
-
-
 def anomalous_differences(table: pd.DataFrame, value: str = "I", by: str | None = None) -> pd.DataFrame:
     """value(+) - value(-) per acentric reflection with both mates (optionally per ``by`` group, e.g. half)."""
     idx = ["H", "K", "L"] + ([by] if by else [])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 import warnings
 from collections.abc import Iterable
 
@@ -34,6 +33,8 @@ import gemmi
 import numpy as np
 import pandas as pd
 import reciprocalspaceship as rs
+
+from physppl.inference.outputs import atomic_write
 from reciprocalspaceship.utils import hkl_to_asu
 
 __all__ = [
@@ -911,16 +912,6 @@ def write_mtz_atomic(
         raise FileNotFoundError(
             f"cannot write MTZ to {str(target)!r}: directory {str(target.parent)!r} does not exist"
         )
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
     data = _writable_copy(ds)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        data.write_mtz(str(tmp))
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda tmp: data.write_mtz(str(tmp)))
     return target
