@@ -5,6 +5,7 @@ Dims come from the model's plates (``pyro.plate("refl", ...)`` -> dim ``"refl"``
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import arviz as az
@@ -127,4 +128,13 @@ def summarize(idata: az.InferenceData, var_names: list[str] | None = None, max_v
         post = idata.posterior
         sel = {d: slice(0, max_vars) for d in post.dims if d not in ("chain", "draw")}
         idata = az.InferenceData(posterior=post.isel(sel))
-    return az.summary(idata, var_names=var_names, hdi_prob=0.9)
+    # Draws from a guide come as one chain: R-hat is then undefined (NaN) and ArviZ logs a shape warning per call.
+    quiet = idata.posterior.sizes.get("chain", 1) == 1
+    logger = logging.getLogger("arviz")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        return az.summary(idata, var_names=var_names, hdi_prob=0.9)
+    finally:
+        logger.setLevel(level)

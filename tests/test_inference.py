@@ -127,3 +127,22 @@ def test_guide_draws_have_plate_dims():
     assert draws["F"].shape == (1, 40, 5)
     idata = to_inference_data(plated, {}, draws, log_likelihood=False)
     assert idata.posterior["F"].dims == ("chain", "draw", "refl")
+
+
+def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(y, tmp_path, monkeypatch):
+    from pyro.infer import SVI
+
+    calls = {"n": 0}
+    real_step = SVI.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SVI, "step", step)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 39.*resume=true"):
+        _engine(max_steps=100).run(model, point_guide, workdir=tmp_path, y=y)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 39 and len(state["losses"]) == 39

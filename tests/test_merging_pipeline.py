@@ -108,3 +108,16 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
     assert proc.returncode != 0
     assert "is not a readable MTZ file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_hydra_multirun_jobs_are_independent(tmp_path):
+    """Two identical jobs in one sweep (Hydra's basic launcher runs them in one process) give the same result."""
+    cmd = [sys.executable, "-m", "physppl.inference.app", "-m", *TINY, "data.half_datasets=false",
+           "log_likelihood=false", "seed=0,0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 2
+    a, b = (json.loads(p.read_text()) for p in runs)
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
+    assert a["cc_truth"] == pytest.approx(b["cc_truth"], rel=1e-6)
