@@ -130,7 +130,8 @@ def summarize(idata: az.InferenceData, var_names: list[str] | None = None, max_v
         idata = az.InferenceData(posterior=post.isel(sel))
     # Draws from a guide come as one chain: R-hat is then undefined (NaN) and ArviZ logs a shape warning per call.
     quiet = idata.posterior.sizes.get("chain", 1) == 1
-    logger = logging.getLogger("arviz")
+    # arviz 0.23 logs through its own Logger("arviz") instance, not the registry's logging.getLogger("arviz")
+    logger = getattr(az, "_log", None) or logging.getLogger("arviz")
     level = logger.level
     if quiet:
         logger.setLevel(logging.ERROR)

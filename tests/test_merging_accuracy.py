@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from physppl.experiments.merging.data import initial_estimates, prepare
-from physppl.experiments.merging.quality import truth_metrics
+from physppl.experiments.merging.quality import true_amplitudes, truth_metrics
 from physppl.guides.merging import MergingGuide
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import clipped_adam
@@ -79,8 +79,7 @@ def test_svi_merge_recovers_truth_with_calibrated_intervals():
     q = guide.distribution()
     draws = q.sample((400,)).detach().numpy()
     lower, upper = np.quantile(draws, [0.05, 0.95], axis=0)
-    t = truth.reset_index().set_index(["H", "K", "L"])["F"]
-    f_true = t.loc[list(map(tuple, data.hkl))].to_numpy(float) / np.sqrt(data.norm)
+    f_true = true_amplitudes(truth, data.hkl, data.friedel) / np.sqrt(data.norm)
     m = truth_metrics(guide.moments()["F_mean"].numpy(), lower, upper, f_true, data.dhkl)
     # conventional merge on the same data, for comparison
     conv = truth_metrics(init["F"].to_numpy(), init["F"].to_numpy() - 1.645 * init["SIGF"].to_numpy(),

@@ -121,3 +121,11 @@ def test_hydra_multirun_jobs_are_independent(tmp_path):
     a, b = (json.loads(p.read_text()) for p in runs)
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
     assert a["cc_truth"] == pytest.approx(b["cc_truth"], rel=1e-6)
+
+
+def test_resume_with_half_datasets_starts_halves_fresh_when_not_reached(tmp_path):
+    """A run stopped before its half-dataset fit resumes the main fit and runs the halves from scratch."""
+    _run(tmp_path, ["data.half_datasets=false", "inference.max_steps=100", "inference.min_steps=300"], "h")
+    m, out = _run(tmp_path, ["inference.resume=true", "inference.max_steps=150", "inference.min_steps=300"], "h")
+    assert m["resumed_from"] == 100 and "cc_half" in m
+    assert (out / "halves" / "checkpoint.pt").is_file()

@@ -2,6 +2,10 @@
 import re
 from pathlib import Path
 
+import numpy as np
+
+from physppl.experiments.merging.quality import true_amplitudes
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -13,7 +17,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, small_sim):
     exec(compile(code, "README.md", "exec"), namespace)
     F, truth, data = namespace["F"], small_sim[1], namespace["data"]
     assert F.shape == (data.n_refl,) and bool((F > 0).all())
-    t = truth.reset_index().set_index(["H", "K", "L"])["F"].loc[list(map(tuple, data.hkl))].to_numpy()
-    import numpy as np
-
+    t = true_amplitudes(truth, data.hkl, data.friedel)
     assert np.corrcoef(F.numpy(), t)[0, 1] > 0.95

@@ -4,6 +4,7 @@ Called by the ``physppl`` app as ``run(cfg, output_dir)``; returns the headline 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from physppl.models.components.scale import initialize_scale
 
 from . import plots
 from .data import MergingData, initial_estimates
-from .quality import half_dataset_cc, merged_table, reference_cc, truth_metrics
+from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitudes, truth_metrics
 
 __all__ = ["run", "fit", "FitResult", "to_merged_mtz", "OUTPUT_FILES"]
 
@@ -158,6 +159,18 @@ def to_merged_mtz(table: pd.DataFrame, data: MergingData) -> rs.DataSet:
     return ds
 
 
+def _halves_engine(engine, out: Path):
+    """The engine for the half-dataset fit: its own checkpoint (its parameters have other shapes), resumed only
+    if an earlier run got that far (a run interrupted in the main fit has no half-dataset checkpoint yet)."""
+    if not isinstance(engine, SVIEngine):
+        return engine
+    halves = copy.copy(engine)
+    main = engine.checkpoint_path
+    halves.checkpoint_path = out / "halves" / "checkpoint.pt" if main is None else main.with_name(main.stem + "_halves.pt")
+    halves.resume = engine.resume and halves.checkpoint_path.exists()
+    return halves
+
+
 def _sigfig(d: dict) -> dict:
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -204,7 +217,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     if source.half_datasets:
         pyro.clear_param_store()  # the half-dataset model has its own parameters of other shapes
         halves = data.split_halves(seed=int(cfg.get("seed", 0)))
-        hres = fit(halves, estimator, guide_factory, engine, workdir=out / "halves", n_draws=2, inference_data=False)
+        hres = fit(halves, estimator, guide_factory, _halves_engine(engine, out), workdir=out / "halves", n_draws=2,
+                   inference_data=False)
         htable = merged_table(halves, hres.moments)
         cc, shells = half_dataset_cc(htable)
         metrics.update(cc)
@@ -220,16 +234,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     if truth is not None:
         f_draws = result.draws.reshape(-1, data.n_refl).double().numpy() * np.sqrt(data.norm)
         lower, upper = np.quantile(f_draws, [0.05, 0.95], axis=0)
-        t = truth.reset_index()
-        if data.anomalous:
-            t_plus = t.assign(friedel=1, F_TRUE=t["F(+)"])
-            t_minus = t.assign(friedel=-1, F_TRUE=t["F(-)"])
-            t_cen = t.assign(friedel=0, F_TRUE=t["F"])
-            t = pd.concat([t_plus, t_minus, t_cen])
-        else:
-            t = t.assign(friedel=0, F_TRUE=t["F"])
-        j = table.assign(lower=lower, upper=upper).merge(t[["H", "K", "L", "friedel", "F_TRUE"]],
-                                                          on=["H", "K", "L", "friedel"], how="left")
+        j = table.assign(lower=lower, upper=upper, F_TRUE=true_amplitudes(truth, data.hkl, data.friedel))
         metrics.update(truth_metrics(j["F"].to_numpy(float), j["lower"].to_numpy(float), j["upper"].to_numpy(float),
                                      j["F_TRUE"].to_numpy(float), j["dHKL"].to_numpy(float)))
         plots.plot_comparison(j["F_TRUE"].to_numpy(float), j["F"].to_numpy(float), "true F", "merged F", out / "truth.png")

@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from physppl.models.components.wilson import resolution_shells
+
 __all__ = ["pearson", "resolution_bins", "cc_by_resolution", "merged_table", "half_dataset_cc",
-           "anomalous_differences", "reference_cc", "align_truth", "truth_metrics"]
+           "anomalous_differences", "reference_cc", "true_amplitudes", "align_truth", "truth_metrics"]
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -17,9 +19,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def resolution_bins(dhkl: np.ndarray, n_bins: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Equal-count shells in 1/d^2: (bin index per row, edges in A from low to high resolution)."""
-    s2 = 1.0 / np.square(dhkl)
-    edges = np.quantile(s2, np.linspace(0, 1, n_bins + 1))
-    which = np.clip(np.searchsorted(edges, s2, side="right") - 1, 0, n_bins - 1)
+    which, edges = resolution_shells(dhkl, n_bins)
     return which, 1.0 / np.sqrt(edges)
 
 
@@ -86,6 +86,19 @@ def reference_cc(merged, reference) -> dict:
         j = pd.concat([a, b], axis=1, join="inner").astype(float).dropna()
         out["cc_anom_ref"] = pearson(j["d"].to_numpy(), j["d_ref"].to_numpy())
         out["n_anom_ref"] = int(len(j))
+    return out
+
+
+def true_amplitudes(truth, hkl: np.ndarray, friedel: np.ndarray) -> np.ndarray:
+    """True F of each model reflection from a simulator's truth table: F(+) / F(-) for Friedel-separate rows,
+    the Friedel mean F otherwise; NaN where truth has no such reflection."""
+    t = truth.reset_index().set_index(["H", "K", "L"])
+    keys = pd.MultiIndex.from_arrays([hkl[:, 0], hkl[:, 1], hkl[:, 2]], names=["H", "K", "L"])
+    out = np.full(len(friedel), np.nan)
+    for sign, column in ((0, "F"), (1, "F(+)"), (-1, "F(-)")):
+        sel = np.asarray(friedel) == sign
+        if sel.any():
+            out[sel] = t[column].astype(float).reindex(keys[sel]).to_numpy()
     return out
 
 

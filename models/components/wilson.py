@@ -16,7 +16,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["Wilson", "wilson_prior", "wilson_sigma_by_resolution"]
+__all__ = ["Wilson", "wilson_prior", "wilson_sigma_by_resolution", "resolution_shells"]
 
 _TINY = 1e-12
 
@@ -85,6 +85,13 @@ def wilson_prior(centric: torch.Tensor, epsilon: torch.Tensor, sigma_n: torch.Te
     return Wilson(epsilon.to(sigma_n.dtype) * sigma_n, centric)
 
 
+def resolution_shells(dhkl: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-count shells in ``1/d^2``: the shell index of each reflection and the shell edges in ``1/d^2``."""
+    s2 = 1.0 / np.square(np.asarray(dhkl, dtype=float))
+    edges = np.quantile(s2, np.linspace(0.0, 1.0, n_bins + 1))
+    return np.clip(np.searchsorted(edges, s2, side="right") - 1, 0, n_bins - 1), edges
+
+
 def wilson_sigma_by_resolution(
     intensity: np.ndarray, epsilon: np.ndarray, dhkl: np.ndarray, n_bins: int = 20, floor: float = 1e-3
 ) -> np.ndarray:
@@ -102,8 +109,7 @@ def wilson_sigma_by_resolution(
     intensity, epsilon, dhkl = (np.asarray(a, dtype=float) for a in (intensity, epsilon, dhkl))
     s2 = 1.0 / np.square(dhkl)
     n_bins = int(max(1, min(n_bins, len(s2) // 50)))
-    edges = np.quantile(s2, np.linspace(0.0, 1.0, n_bins + 1))
-    which = np.clip(np.searchsorted(edges, s2, side="right") - 1, 0, n_bins - 1)
+    which, _ = resolution_shells(dhkl, n_bins)
     normalised = intensity / epsilon
     total = np.bincount(which, weights=normalised, minlength=n_bins)
     count = np.maximum(np.bincount(which, minlength=n_bins), 1)
