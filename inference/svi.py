@@ -65,7 +65,8 @@ class SVIEngine:
     checkpoint_every : int
         Save a checkpoint every this many steps (0 = only at the end and on interrupt).
     checkpoint_path : path, optional
-        Where checkpoints go (default ``checkpoint.pt`` in the working directory given to :meth:`run`).
+        Where checkpoints go (default ``checkpoint.pt`` in the ``workdir`` given to :meth:`run`; with neither,
+        no checkpoint is written, so library use leaves no files behind).
     resume : bool
         Start from ``checkpoint_path`` if it exists.
     progress : bool
@@ -147,17 +148,22 @@ class SVIEngine:
         model: Callable,
         guide: Callable,
         n_data: int | None = None,
-        workdir: str | os.PathLike = ".",
+        workdir: str | os.PathLike | None = None,
+        callback: Callable[[int, list[float]], bool | str | None] | None = None,
         **model_kwargs,
     ) -> SVIResult:
-        """Fit ``guide`` to ``model``; ``n_data`` is the size of the data plate to minibatch over."""
-        ckpt = self.checkpoint_path or Path(workdir) / "checkpoint.pt"
+        """Fit ``guide`` to ``model``; ``n_data`` is the size of the data plate to minibatch over.
+
+        ``callback(step, losses)`` runs after every step (e.g. a held-out evaluation every epoch); a truthy
+        return stops training, and a string return is recorded as the stop reason (early stopping).
+        """
+        ckpt = self.checkpoint_path or (Path(workdir) / "checkpoint.pt" if workdir is not None else None)
         result = SVIResult()
         start_step = 0
         # minibatch order has its own generator, saved in checkpoints, so a resumed run continues the same stream
         self._generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.resume:
-            if not ckpt.exists():
+            if ckpt is None or not ckpt.exists():
                 raise FileNotFoundError(
                     f"inference.resume=true but no checkpoint at {ckpt}: run in the same directory "
                     "(hydra.run.dir=...) or set inference.checkpoint_path"
@@ -185,8 +191,12 @@ class SVIEngine:
                 bar.update(1)
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{np.mean(result.losses[-25:]):.5g}")
-                if self.checkpoint_every and step % self.checkpoint_every == 0:
+                if ckpt is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
                     self._save(ckpt, step, result.losses)
+                stop = callback(step, result.losses) if callback is not None else None
+                if stop:
+                    result.stop_reason = stop if isinstance(stop, str) else f"stopped by callback at step {step}"
+                    break
                 if self._converged(result.losses):
                     result.converged = True
                     result.stop_reason = f"converged at step {step} (rtol {self.rtol:g} over {self.window} steps)"
@@ -194,11 +204,14 @@ class SVIEngine:
             else:
                 result.stop_reason = f"step budget of {self.max_steps} reached"
         except KeyboardInterrupt:
+            if ckpt is None:
+                raise
             self._save(ckpt, step, result.losses)
             raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {ckpt}; rerun with inference.resume=true")
         finally:
             bar.close()
-        self._save(ckpt, step, result.losses)
+        if ckpt is not None:
+            self._save(ckpt, step, result.losses)
         result.steps = step
         result.wall_time = time.perf_counter() - t0
         log.info("SVI: %s; final loss %.6g; %.1f s", result.stop_reason, result.final_loss, result.wall_time)

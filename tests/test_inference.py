@@ -146,3 +146,35 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(y, tmp_path, monkey
         _engine(max_steps=100).run(model, point_guide, workdir=tmp_path, y=y)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 39 and len(state["losses"]) == 39
+
+
+def test_callback_stops_training_with_its_reason(y, tmp_path):
+    seen = []
+
+    def every_50(step, losses):
+        seen.append((step, len(losses)))
+        return f"early stop at {step}" if step == 120 else None
+
+    res = _engine(max_steps=500).run(model, point_guide, workdir=tmp_path, callback=every_50, y=y)
+    assert res.steps == 120 and res.stop_reason == "early stop at 120" and not res.converged
+    assert seen[0] == (1, 1) and seen[-1] == (120, 120)
+
+
+def test_no_workdir_writes_no_checkpoint(y, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _engine(max_steps=20, checkpoint_every=5).run(model, point_guide, y=y)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _engine(resume=True).run(model, point_guide, y=y)
+
+
+def test_resolve_device():
+    from physppl.inference.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -1,0 +1,1 @@
+"""Simulation-based inference of beam parameters from knife-edge scans: data, job, plots."""

@@ -1,0 +1,1 @@
+"""Weighting molecular-dynamics frames against diffuse scattering: data, job, plots."""

@@ -1,0 +1,1 @@
+"""Variational autoencoders on physics data (Ising configurations) and digits: data, job, plots."""
