@@ -94,6 +94,8 @@ class VAEGuide(PyroModule):
     flow_layers : int
     flow_hidden : sequence of int
         Hidden widths of each layer's autoregressive network (default ``[4 * latent_dim]``).
+    name : str
+        Prefix of the Pyro parameter names (as for the model).
     """
 
     def __init__(
@@ -109,8 +111,9 @@ class VAEGuide(PyroModule):
         flow_layers: int = 2,
         flow_hidden: Sequence[int] | None = None,
         min_scale: float = 1e-4,
+        name: str = "",
     ):
-        super().__init__()
+        super().__init__(name)
         self.event_shape = tuple(int(s) for s in event_shape)
         self.latent_dim = int(latent_dim)
         if encoder == "mlp":

@@ -195,6 +195,10 @@ class VAEModel(PyroModule):
         Conv decoder: channels of each upsampling level, coarse to fine.
     padding_mode : {"zeros", "circular", "reflect", "replicate"}
         Conv decoder padding; ``circular`` for periodic lattices.
+    min_scale : float
+        Gaussian likelihood: lower bound of the per-pixel standard deviation.
+    name : str
+        Prefix of the Pyro parameter names, to keep two models apart in one parameter store.
     """
 
     def __init__(
@@ -208,8 +212,9 @@ class VAEModel(PyroModule):
         channels: Sequence[int] = (32, 16),
         padding_mode: str = "zeros",
         min_scale: float = 1e-2,
+        name: str = "",
     ):
-        super().__init__()
+        super().__init__(name)
         self.event_shape = tuple(int(s) for s in event_shape)
         if not self.event_shape or any(s < 1 for s in self.event_shape):
             raise ValueError(f"VAEModel: event_shape must be non-empty positive sizes, got {event_shape}")

@@ -157,7 +157,8 @@ class IsingDataSource:
         p = self._params()
         return sample_ising(self.L, p["temperatures"], self.n_per_temperature, n_chains=self.n_chains,
                             thermalize=self.thermalize, every=self.every,
-                            cluster_max_temperature=self.cluster_max_temperature, seed=self.seed, progress=self.progress)
+                            cluster_max_temperature=self.cluster_max_temperature, seed=self.seed,
+                            progress=self.progress)
 
     def _load_or_simulate(self) -> dict[str, np.ndarray]:
         path = self.cache_path()
@@ -195,7 +196,8 @@ class IsingDataSource:
         split = split_indices(len(t), self.val_fraction, self.test_fraction, self.seed, strata=t, groups=a["chain"])
         return VAEData(x=x, labels=labels, split=split, name=f"ising_L{self.L}", source=f"Ising L={self.L}",
                        image_shape=(self.L, self.L),
-                       meta={"kind": "ising", "L": self.L, "T_c": T_C, "temperatures": self.temperature_grid().tolist()})
+                       meta={"kind": "ising", "L": self.L, "T_c": T_C,
+                             "temperatures": self.temperature_grid().tolist()})
 
 
 class DigitsDataSource:
