@@ -7,7 +7,6 @@ import sys
 import arviz as az
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_module
 
 from physppl.inference.app import run

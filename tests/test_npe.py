@@ -1,5 +1,4 @@
 """The generic neural posterior estimation engines on toy problems with known posteriors."""
-import math
 
 import numpy as np
 import pytest
