@@ -62,6 +62,26 @@ def test_ising_job_reports_the_phase_transition(tmp_path):
     assert m["classifier_accuracy_far"] > 0.9
 
 
+def test_user_array_with_labels(tmp_path):
+    """data=array: +-1 spins from an .npz with per-sample temperature and magnetisation labels; the latent space
+    is coloured by them and the phase analysis runs on them."""
+    from physppl.models.simulators.ising import sample_ising
+
+    s = sample_ising(8, [1.5, 2.0, 2.5, 3.0, 3.5], 24, n_chains=8, thermalize=40, every=2, seed=3)
+    np.savez(tmp_path / "configs.npz", x=s.spins, temperature=s.temperature, magnetization=s.magnetization)
+    cfg = _compose(["+experiment=vae_ising", "data=array", f"data.path={tmp_path / 'configs.npz'}", "data.spins=true",
+                    *TINY, "train.epochs=3", "inference.batch_size=32", "evaluation.figures=false",
+                    "evaluation.posterior_rows=[0,5,119]"])
+    m = app_run(cfg, tmp_path / "run")
+    post = az.from_netcdf(tmp_path / "run" / "posterior.nc").posterior
+    assert post["data"].values.tolist() == [0, 5, 119]
+    assert np.allclose(post["temperature"].values, s.temperature[[0, 5, 119]])
+    assert m["data"] == "configs" and m["event_shape"] == [8, 8]
+    assert "corr_latent_m" in m and "switch_temperature" in m
+    table = pd.read_csv(tmp_path / "run" / "latents.csv")
+    assert {"temperature", "magnetization"} <= set(table.columns)
+
+
 def test_conv_and_continuous_bernoulli_variants_build_and_step(tmp_path):
     cfg = _compose(["+experiment=vae_digits", "model=vae_conv", "guide=vae_conv_encoder", "data.binarize=false",
                     "model.likelihood=continuous_bernoulli", *TINY[:1], "train.epochs=1"])
@@ -132,3 +152,15 @@ def test_command_line_reports_bad_array_in_one_line(tmp_path, monkeypatch):
     assert message.startswith("physppl: error:") and "\n" not in message
     assert "spins.npy" in message and "data.spins=true" in message
     assert np.array_equal(np.load(tmp_path / "spins.npy"), spins)  # the input is untouched
+
+
+def test_readme_python_example_runs(capsys):
+    """The Python example of experiments/vae/README.md, verbatim."""
+    text = (REPO / "experiments" / "vae" / "README.md").read_text()
+    code = text.split("## From Python, without Hydra")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "README example", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "held-out ELBO" in out
+    assert namespace["z"].shape == (namespace["test"].shape[0], 8) and namespace["images"].shape == (16, 8, 8)
+    assert float(namespace["est"].iwae.mean()) > -40.0

@@ -158,8 +158,17 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     labels_test = {k: v[test_rows] for k, v in data.labels.items()}
     n_post = min(int(ecfg.get("posterior_batch", 64)), len(x_test))
     post_rows = _subset(len(x_test), n_post, seed + 3)
-    idata = latent_posterior(model, guide, x_test[post_rows], test_rows[post_rows],
-                             {k: v[post_rows] for k, v in labels_test.items()}, int(cfg.get("n_draws", 200)),
+    chosen = ecfg.get("posterior_rows")  # rows of the data set chosen by the user, else a random held-out batch
+    if chosen:
+        rows_all = np.asarray(chosen, dtype=int)
+        if rows_all.min() < 0 or rows_all.max() >= data.n:
+            raise ValueError(f"evaluation.posterior_rows must index the {data.n} samples, got {list(chosen)}")
+        batch_x, batch_labels = x[torch.as_tensor(rows_all, device=device)], {k: v[rows_all] for k, v in
+                                                                              data.labels.items()}
+    else:
+        rows_all, batch_x = test_rows[post_rows], x_test[post_rows]
+        batch_labels = {k: v[post_rows] for k, v in labels_test.items()}
+    idata = latent_posterior(model, guide, batch_x, rows_all, batch_labels, int(cfg.get("n_draws", 200)),
                              bool(cfg.get("log_likelihood", True)))
     atomic_write(out / "posterior.nc", lambda p: idata.to_netcdf(str(p), engine="h5netcdf"), protect=protect)
 

@@ -173,7 +173,7 @@ def amortization_gap(model, guide, x: torch.Tensor, steps: int = 500, lr: float 
     mf = MeanFieldLatentGuide(loc, scale, name="amortization_gap")
     fixed_model = poutine.block(model, hide_types=["param"])  # only the per-sample guide parameters move
     # the optimum is sharp (posterior sds can be << 1): average a few draws per step and decay the rate 10x
-    engine = SVIEngine(optim=clipped_adam(lr=lr, lrd=0.1 ** (1.0 / max(1, steps)), clip_norm=100.0),
+    engine = SVIEngine(optim=clipped_adam(lr=lr, lrd=0.1 ** (1.0 / max(1, steps)), clip_norm=1e10),
                        loss=TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True),
                        max_steps=steps, min_steps=steps + 1, batch_size=None, progress=progress)
     t0 = time.perf_counter()
