@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import init_to_uniform, init_to_value
 
 __all__ = ["NUTSEngine", "NUTSResult"]
 
@@ -54,9 +55,13 @@ class NUTSEngine:
         self.max_tree_depth = int(max_tree_depth)
         self.progress = bool(progress)
 
-    def run(self, model: Callable, **model_kwargs) -> NUTSResult:
+    def run(self, model: Callable, init_values: dict | None = None, **model_kwargs) -> NUTSResult:
+        """Sample ``model(**model_kwargs)``; ``init_values`` (site -> value, e.g. a MAP fit) starts every chain
+        there instead of at random points of the prior's support, which multimodal posteriors need."""
+        strategy = init_to_value(values=init_values) if init_values else init_to_uniform
         kernel = NUTS(
             model,
+            init_strategy=strategy,
             jit_compile=self.jit_compile,
             ignore_jit_warnings=True,
             target_accept_prob=self.target_accept_prob,

@@ -1,0 +1,352 @@
+"""Weights of molecular-dynamics frames from diffuse scattering (and, optionally, Bragg intensities).
+
+Generative story: an ensemble is a weighting ``w`` of the T frames on the simplex, ``w ~ Dirichlet(c T w0)``; its
+diffuse intensity at reciprocal-space voxel h is the weighted variance of the frames' structure factors,
+``x'(h) = sum_t w_t |F(h,t)|^2 - |sum_t w_t F(h,t)|^2``, averaged over the symmetry mates of h that the P1 frames
+hold separately. Observed ``y(h) ~ Normal(a x'(h) / m(w) + b, s_k sigma(h))`` (or Student-t) with offset ``b``,
+a noise factor ``s_k`` per resolution shell k, and the scale written relative to the ensemble's mean diffuse
+intensity ``m(w)`` (over a fixed set of voxels): ``a`` is then the observed-to-predicted ratio of mean intensities,
+which the data pin down whatever w is, instead of trading off against w along a ridge (``a x'`` is what the data
+see). With two frames ``x'/m(w)`` does not depend on the split at all: the diffuse data say nothing about it, and
+the posterior of the split is its prior, as it should be. Bragg intensities, when given, see the ensemble mean:
+``y_B(h) ~ Normal(a_B |sum_t w_t F(h,t)|^2 / m_B(w), s_B sigma_B(h))``; they break the symmetry ``w <-> 1 - w`` that
+leaves two-frame diffuse data unidentified (``x' = w1 w2 |F_A - F_B|^2``).
+
+The Dirichlet is the maximum-entropy prior of ensemble reweighting: ``log Dir(w; 1 + c T w0) = -c T KL(w0 || w) +
+const`` exactly, so ``c`` plays the role of BME/BioEn's confidence parameter theta (0: the flat Dirichlet, the data
+alone decide) and ``c T`` is the prior's weight in frames.
+Frames inside one conformational state are exchangeable: the data identify state masses, not the split inside a
+state, which the posterior then leaves near the prior.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from .components.simplex import CentredDirichlet
+
+__all__ = ["FrameBlock", "FrameFactors", "diffuse_intensity", "bragg_intensity", "FrameWeightsModel",
+           "dirichlet_concentration", "pearson_cc", "effective_frames"]
+
+
+@dataclass
+class FrameBlock:
+    """Structure factors of the P1 voxels behind a set of B observed (asymmetric-unit) voxels.
+
+    ``re``/``im``: (R, T) centred real/imaginary parts (each voxel's mean over frames removed: x' is the weighted
+    variance, shift-invariant, and centring avoids float32 cancellation where the mean dominates); ``im`` is None
+    for real F. ``mean_re``/``mean_im``: (R,) the removed means (needed for Bragg intensities). ``local``: (R,) the
+    observed voxel (0..B-1) each row belongs to; ``count``: (B,) rows per observed voxel.
+    """
+
+    re: torch.Tensor
+    im: torch.Tensor | None
+    mean_re: torch.Tensor
+    mean_im: torch.Tensor | None
+    local: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.count.shape[0])
+
+
+class FrameFactors:
+    """Frame structure factors in memory, rows grouped by the observed voxel they map to.
+
+    Parameters
+    ----------
+    re, im : Tensor, shape (R, T)
+        Real and imaginary parts of F(h, t) for R P1 voxels (``im=None`` for real F); centred here.
+    voxel : LongTensor, shape (R,)
+        Observed voxel (0..N-1) of each row, e.g. its asymmetric-unit reflection; every voxel needs a row.
+    """
+
+    def __init__(self, re: torch.Tensor, im: torch.Tensor | None, voxel: torch.Tensor):
+        voxel = torch.as_tensor(voxel, dtype=torch.long)
+        order = torch.argsort(voxel, stable=True)
+        self.voxel = voxel[order]
+        re = torch.as_tensor(re)[order]
+        self.mean_re = re.mean(-1)
+        self.re = (re - self.mean_re[:, None]).contiguous()
+        if im is not None:
+            im = torch.as_tensor(im)[order]
+            self.mean_im = im.mean(-1)
+            self.im = (im - self.mean_im[:, None]).contiguous()
+        else:
+            self.im = self.mean_im = None
+        self.n_voxels = int(self.voxel.max()) + 1 if len(self.voxel) else 0
+        count = torch.bincount(self.voxel, minlength=self.n_voxels)
+        if bool((count == 0).any()):
+            raise ValueError(f"{int((count == 0).sum())} observed voxels have no frame structure factor")
+        self.count = count
+        self.offsets = torch.cat([count.new_zeros(1), count.cumsum(0)])
+        self.n_frames = int(self.re.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.re.device
+
+    def to(self, device) -> "FrameFactors":
+        for name in ("voxel", "re", "im", "mean_re", "mean_im", "count", "offsets"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    def rows(self, idx: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Row indices, local voxel index and row count for observed voxels ``idx`` (None: all, in order)."""
+        if idx is None:
+            return None, self.voxel, self.count
+        idx = idx.to(self.offsets.device)
+        count = self.count[idx]
+        starts = self.offsets[idx]
+        local = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), count)
+        first = torch.repeat_interleave(count.cumsum(0) - count, count)
+        rows = torch.repeat_interleave(starts, count) + torch.arange(int(count.sum()), device=idx.device) - first
+        return rows, local, count
+
+    def block(self, idx: torch.Tensor | None = None) -> FrameBlock:
+        rows, local, count = self.rows(idx)
+        take = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
+        return FrameBlock(take(self.re), take(self.im), take(self.mean_re), take(self.mean_im), local, count)
+
+
+def _weights_matrix(w: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """Flatten the batch dims of w (..., T) for one matrix product; remember them for the result."""
+    return w.reshape(-1, w.shape[-1]), w.shape[:-1]
+
+
+def _unflatten(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    # w's batch dims are right-aligned with the model's plates; its last batch dim is the (size-1) slot of the
+    # voxel plate, which the voxel axis of the result takes over.
+    x = x.reshape(batch + x.shape[-1:])
+    return x.squeeze(-2) if len(batch) else x
+
+
+def _symmetry_mean(x: torch.Tensor, block: FrameBlock) -> torch.Tensor:
+    out = x.new_zeros(x.shape[:-1] + (block.n_voxels,)).index_add(-1, block.local, x)
+    return out / block.count.to(x.dtype)
+
+
+def diffuse_intensity(w: torch.Tensor, block: FrameBlock) -> torch.Tensor:
+    """``x'(h) = sum_t w_t |F(h,t)|^2 - |sum_t w_t F(h,t)|^2`` averaged over symmetry mates; (..., T) -> (..., B)."""
+    wm, batch = _weights_matrix(w.to(block.re.dtype))
+    g_re = wm @ block.re.T
+    power = wm @ block.re.square().T
+    x = power - g_re.square()
+    if block.im is not None:
+        g_im = wm @ block.im.T
+        x = x + wm @ block.im.square().T - g_im.square()
+    return _unflatten(_symmetry_mean(x, block), batch)
+
+
+def bragg_intensity(w: torch.Tensor, block: FrameBlock) -> torch.Tensor:
+    """``|sum_t w_t F(h,t)|^2`` (the ensemble-mean structure factor) averaged over symmetry mates."""
+    wm, batch = _weights_matrix(w.to(block.re.dtype))
+    x = (block.mean_re + wm @ block.re.T).square()
+    if block.im is not None:
+        x = x + (block.mean_im + wm @ block.im.T).square()
+    return _unflatten(_symmetry_mean(x, block), batch)
+
+
+def dirichlet_concentration(n_frames: int, strength: float = 0.0, prior_weights=None) -> torch.Tensor:
+    """Concentration ``1 + c T w0`` of the maximum-entropy prior: ``log Dir(w; 1 + c T w0) = -c T KL(w0 || w) + const``.
+
+    ``strength`` c plays the role of BME/BioEn's theta: 0 is the flat Dirichlet (the data alone decide), larger c
+    pulls the weights towards ``prior_weights`` w0 (uniform when None) with the weight of ``c T`` frames.
+    """
+    if not strength >= 0:
+        raise ValueError(f"the Dirichlet strength c must be >= 0, got {strength}")
+    if prior_weights is None:
+        w0 = torch.full((n_frames,), 1.0 / n_frames)
+    else:
+        w0 = torch.as_tensor(prior_weights, dtype=torch.get_default_dtype()).flatten()
+        if w0.shape[0] != n_frames:
+            raise ValueError(f"prior weights have {w0.shape[0]} entries but there are {n_frames} frames")
+        if not bool(torch.isfinite(w0).all()) or bool((w0 <= 0).any()):
+            raise ValueError("prior weights must be finite and positive (a zero weight removes a frame: drop it instead)")
+        w0 = w0 / w0.sum()
+    return 1.0 + strength * n_frames * w0
+
+
+def pearson_cc(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(Weighted) Pearson correlation of x and y along the last dim."""
+    if weight is None:
+        weight = torch.ones_like(y)
+    weight = weight / weight.sum()
+    xm = x - (weight * x).sum(-1, keepdim=True)
+    ym = y - (weight * y).sum(-1, keepdim=True)
+    cov = (weight * xm * ym).sum(-1)
+    return cov / ((weight * xm.square()).sum(-1) * (weight * ym.square()).sum(-1)).clamp_min(1e-30).sqrt()
+
+
+def effective_frames(w: torch.Tensor) -> torch.Tensor:
+    """Kish's effective number of frames ``1 / sum_t w_t^2`` along the last dim."""
+    return 1.0 / w.square().sum(-1)
+
+
+class FrameWeightsModel(PyroModule):
+    """Dirichlet frame weights, a scaled and offset diffuse prediction and a noise model per resolution shell.
+
+    Work in normalised units (y of unit rms, F such that x' of uniform weights has unit rms), so the priors
+    below are weakly informative whatever the data's units (see :mod:`physppl.experiments.md_weights.data`).
+
+    Sample sites
+    ------------
+    w : Tensor, shape (T,), no plate (event dim 1)
+        Frame weights, ``Dirichlet(concentration)`` (unconstrained by a centred softmax for NUTS and autoguides).
+    scale : Tensor, shape (), ``LogNormal(0, scale_prior_sd)``
+        ``a``: observed diffuse intensity per unit of ``x'/m(w)``, the prediction relative to its mean.
+    offset : Tensor, shape (), ``Normal(0, offset_prior_sd)``; only with ``offset=True``
+        ``b``: constant background.
+    noise : Tensor, shape (n_shells,), plate "shell" (dim -1); only with ``noise="shell"``
+        ``s_k``: factor on the data's sigmas per resolution shell (``LogNormal(0, 1)``), or the noise sd itself
+        when the data have no sigmas (``LogNormal(log 0.3, 1.5)``).
+    y : Tensor, shape (N,) or (batch,), plate "voxel" (dim -1), observed
+        Diffuse intensity, ``Normal`` or ``StudentT(dof)`` around ``a x'/m(w) + b`` with sd ``s_k sigma``;
+        subsampled by ``subsample`` (indices of voxels), each voxel's log-likelihood times ``voxel_weight``.
+    bragg_scale : Tensor, shape (); bragg_noise : Tensor, shape (); only with ``bragg=True``
+        ``a_B`` (``LogNormal(0, scale_prior_sd)``) and the Bragg noise factor (``LogNormal(0, 1)``).
+    y_bragg : Tensor, shape (N,) or (batch,), plate "voxel", observed, masked where missing; only with ``bragg=True``
+        Bragg intensity, ``Normal(a_B |sum_t w_t F|^2 / m_B(w), s_B sigma_B)``.
+
+    Parameters
+    ----------
+    frames : FrameFactors
+        The frames' structure factors (or any object with ``block(idx) -> FrameBlock`` and ``n_frames``,
+        e.g. a store that streams them from disk).
+    shell : LongTensor, shape (N,)
+        Resolution shell of each voxel.
+    concentration : Tensor, shape (T,), optional
+        Dirichlet concentration; default ``1 + c T w0`` from ``strength`` (c) and ``prior_weights`` (w0, uniform
+        when None), see :func:`dirichlet_concentration`.
+    voxel_weight : Tensor, shape (N,), optional
+        Resolution weighting: multiplies each voxel's log-likelihood (e.g. equal total weight per shell).
+    n_norm_voxels : int
+        Size of the fixed random voxel set over which ``m(w)`` is averaged (all voxels when there are fewer), so
+        minibatches see the same normaliser.
+    """
+
+    def __init__(
+        self,
+        frames,
+        shell: torch.Tensor,
+        concentration: torch.Tensor | None = None,
+        strength: float = 0.0,
+        prior_weights=None,
+        likelihood: str = "normal",
+        dof: float = 4.0,
+        noise: str = "shell",
+        has_sigma: bool = True,
+        offset: bool = True,
+        bragg: bool = False,
+        bragg_has_sigma: bool = True,
+        voxel_weight: torch.Tensor | None = None,
+        scale_prior_sd: float = 1.5,
+        offset_prior_sd: float = 3.0,
+        n_norm_voxels: int = 4096,
+    ):
+        super().__init__()
+        if likelihood not in ("normal", "student_t"):
+            raise ValueError(f"likelihood must be 'normal' or 'student_t', got {likelihood!r}")
+        if noise not in ("shell", "data"):
+            raise ValueError(f"noise must be 'shell' (learned per resolution shell) or 'data', got {noise!r}")
+        if noise == "data" and not has_sigma:
+            raise ValueError("noise='data' needs sigmas in the observed data; use noise='shell' to learn them")
+        self.frames = frames
+        if concentration is None:
+            concentration = dirichlet_concentration(frames.n_frames, strength, prior_weights)
+        self.register_buffer("concentration", torch.as_tensor(concentration, dtype=torch.get_default_dtype()))
+        if self.concentration.shape != (frames.n_frames,):
+            raise ValueError(f"concentration has shape {tuple(self.concentration.shape)}, expected ({frames.n_frames},)")
+        self.register_buffer("shell", torch.as_tensor(shell, dtype=torch.long))
+        self.n_shells = int(self.shell.max()) + 1
+        self.register_buffer("voxel_weight", None if voxel_weight is None else torch.as_tensor(voxel_weight))
+        self.likelihood, self.dof, self.noise = likelihood, float(dof), noise
+        self.has_sigma, self.offset, self.bragg, self.bragg_has_sigma = has_sigma, offset, bragg, bragg_has_sigma
+        self.scale_prior_sd, self.offset_prior_sd = float(scale_prior_sd), float(offset_prior_sd)
+        n = self.n_voxels
+        k = min(n, int(n_norm_voxels))
+        norm = None if k >= n else torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
+        self.register_buffer("norm_voxels", norm)
+        self._norm_block = None
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.concentration.shape[0])
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.shell.shape[0])
+
+    @staticmethod
+    def _noise_prior(zero: torch.Tensor, has_sigma: bool):
+        # a factor on reported sigmas is near 1; an absolute sd is a fraction of the (unit-rms) normalised data
+        return dist.LogNormal(zero, 1.0) if has_sigma else dist.LogNormal(zero + math.log(0.3), 1.5)
+
+    def _noise_dist(self, loc: torch.Tensor, sd: torch.Tensor):
+        if self.likelihood == "student_t":
+            return dist.StudentT(self.dof, loc, sd)
+        return dist.Normal(loc, sd)
+
+    def forward(
+        self,
+        y: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        y_bragg: torch.Tensor | None = None,
+        sigma_bragg: torch.Tensor | None = None,
+        subsample: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        zero = self.concentration.new_zeros(())
+        w = pyro.sample("w", CentredDirichlet(self.concentration))
+        a = pyro.sample("scale", dist.LogNormal(zero, self.scale_prior_sd))
+        b = pyro.sample("offset", dist.Normal(zero, self.offset_prior_sd)) if self.offset else zero
+        if self.noise == "shell":
+            with pyro.plate("shell", self.n_shells, dim=-1):
+                s = pyro.sample("noise", self._noise_prior(zero, self.has_sigma))
+        if self.bragg:
+            a_b = pyro.sample("bragg_scale", dist.LogNormal(zero, self.scale_prior_sd))
+            s_b = pyro.sample("bragg_noise", self._noise_prior(zero, self.bragg_has_sigma))
+        idx = subsample
+        take = (lambda t: t) if idx is None else (lambda t: None if t is None else t[idx])
+        x, ib = self.predictions(w, idx, bragg=self.bragg)
+        with pyro.plate("voxel", self.n_voxels, dim=-1, subsample=idx):
+            shell = take(self.shell)
+            if self.noise == "shell":
+                sd = s[..., shell] * take(sigma) if self.has_sigma else s[..., shell]
+            else:
+                sd = take(sigma)
+            weight = take(self.voxel_weight)
+            with pyro.poutine.scale(scale=weight if weight is not None else 1.0):
+                # global sites carry a trailing size-1 slot for this plate, so they broadcast over voxels as is
+                pyro.sample("y", self._noise_dist(a * x + b, sd), obs=take(y))
+                if self.bragg:
+                    yb = take(y_bragg)
+                    present = torch.isfinite(yb)
+                    sd_b = s_b * take(sigma_bragg) if self.bragg_has_sigma else s_b * torch.ones_like(yb)
+                    sd_b = torch.where(present, sd_b, torch.ones_like(sd_b))
+                    with pyro.poutine.mask(mask=present):
+                        pyro.sample("y_bragg", dist.Normal(a_b * ib, sd_b),
+                                    obs=torch.where(present, yb, torch.zeros_like(yb)))
+        return x
+
+    def predictions(self, w: torch.Tensor, idx: torch.Tensor | None = None, bragg: bool = False):
+        """Diffuse (and Bragg) intensity of weights w at voxels idx, relative to their mean over the model's
+        normalisation voxels: ``(x'/m(w), I_B/m_B(w) or None)``, shapes (..., B)."""
+        block = self.frames.block(idx)
+        x = diffuse_intensity(w, block)
+        ib = bragg_intensity(w, block) if bragg else None
+        if self.norm_voxels is None and idx is None:  # full batch: the normalisation set is the whole map
+            m, mb = x.mean(-1, keepdim=True), (None if ib is None else ib.mean(-1, keepdim=True))
+        else:
+            if self._norm_block is None:
+                self._norm_block = self.frames.block(self.norm_voxels)
+            m = diffuse_intensity(w, self._norm_block).mean(-1, keepdim=True)
+            mb = bragg_intensity(w, self._norm_block).mean(-1, keepdim=True) if bragg else None
+        return x / m, (None if ib is None else ib / mb)
