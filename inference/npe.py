@@ -349,7 +349,8 @@ def importance_diagnostics(log_w: np.ndarray) -> tuple[float, float]:
     """Pareto-smoothed importance sampling k-hat (Vehtari et al. 2015; < 0.7: reliable) and ESS per draw."""
     import arviz as az
 
-    _, khat = az.psislw(np.asarray(log_w, dtype=float).copy())
+    with np.errstate(over="ignore", invalid="ignore"):  # a degenerate fit gives k-hat = inf, not a warning
+        _, khat = az.psislw(np.asarray(log_w, dtype=float).copy())
     w = np.exp(log_w - log_w.max())
     ess = w.sum() ** 2 / (w**2).sum() / len(w)
     return float(khat), float(ess)

@@ -7,6 +7,7 @@ import sys
 import arviz as az
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from physppl.inference.app import run
@@ -54,7 +55,7 @@ def test_default_job_writes_every_output(tmp_path):
 
 
 def test_observed_file_single_scan_and_simulation_cache(tmp_path):
-    from physppl.experiments.beam_sbi.data import fixed_observations
+    from physppl.experiments.beam_sbi.data import BeamDataSource, fixed_observations
     from physppl.models.beam import KnifeEdgeBeamModel
 
     _, x = fixed_observations(KnifeEdgeBeamModel(), 1, seed=5)
@@ -66,8 +67,11 @@ def test_observed_file_single_scan_and_simulation_cache(tmp_path):
     cached = list((tmp_path / "cache").rglob("seed0_chunk0.pt"))
     assert len(cached) == 1
     before = cached[0].stat().st_mtime_ns
-    _run(tmp_path, [f"data.observed={tmp_path / 'scan.npy'}", "evaluate.sbc=0", "inference.focus=null"], "again")
-    assert cached[0].stat().st_mtime_ns == before  # re-used, not simulated again
+    source = BeamDataSource(n_simulations=600, cache_dir=str(tmp_path / "cache"))
+    theta, x = source.training_set(KnifeEdgeBeamModel())
+    assert cached[0].stat().st_mtime_ns == before and theta.shape == (600, 7)  # re-used, not simulated again
+    theta2, _ = BeamDataSource(n_simulations=12_000, cache_dir=str(tmp_path / "cache")).training_set(KnifeEdgeBeamModel())
+    assert torch.equal(theta2[:600], theta) and len(list((tmp_path / "cache").rglob("seed0_chunk*.pt"))) == 2
 
 
 def test_resume_continues_training(tmp_path):
