@@ -19,11 +19,11 @@ def test_ising_experiment_finds_the_phase_transition(tmp_path):
     """Default vae_ising (L = 32, 26 temperatures, latent 2): the latent mean is the magnetisation, and a classifier
     trained only on T <= 1.8 and T >= 2.8 switches within 0.15 of Onsager's T_c."""
     m = app_run(_compose(["+experiment=vae_ising", "inference.progress=false", "data.progress=false"]), tmp_path)
-    assert m["corr_latent_m"] > 0.98 and m["corr_abs_latent_abs_m"] > 0.97
+    assert m["corr_latent_m"] > 0.97 and m["corr_abs_latent_abs_m"] > 0.95
     assert abs(m["switch_temperature"] - T_C) < 0.15
     assert m["classifier_accuracy_far"] > 0.98
     assert m["test_iwae"] >= m["test_elbo"]
-    assert m["test_elbo"] > -430.0
+    assert m["test_elbo"] > -420.0
 
 
 def test_digits_experiment_reaches_the_reference_likelihood(tmp_path):

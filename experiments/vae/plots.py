@@ -130,7 +130,8 @@ def plot_phase(analysis: dict, labels: dict[str, np.ndarray], path: Path) -> Pat
     ax.set_ylabel("best latent direction w . E_q[z]")
     ax.set_title(f"corr with m: {analysis['corr_latent_m']:.3f}", fontsize=9)
     ax = axes[1]
-    ax.scatter(np.abs(labels["magnetization"]), np.abs(proj), c=t, cmap="coolwarm", s=5)
+    sc = ax.scatter(np.abs(labels["magnetization"]), np.abs(proj), c=t, cmap="coolwarm", s=5)
+    fig.colorbar(sc, ax=ax, label="T")
     ax.set_xlabel("|m|")
     ax.set_ylabel("|w . E_q[z]|")
     ax.set_title(f"corr(|w . mu|, |m|) = {analysis['corr_abs_latent_abs_m']:.3f}", fontsize=9)
