@@ -35,6 +35,8 @@ class NUTSEngine:
         Trace the potential with the PyTorch JIT (faster for small fixed-shape models; measure).
     target_accept_prob, max_tree_depth : float, int
         NUTS adaptation target and tree depth limit.
+    full_mass : bool
+        Adapt a dense mass matrix (strongly correlated latents, up to a few hundred dimensions) instead of a diagonal.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class NUTSEngine:
         target_accept_prob: float = 0.8,
         max_tree_depth: int = 10,
         progress: bool = True,
+        full_mass: bool = False,
     ):
         self.num_samples = int(num_samples)
         self.warmup_steps = int(warmup_steps)
@@ -54,6 +57,7 @@ class NUTSEngine:
         self.target_accept_prob = float(target_accept_prob)
         self.max_tree_depth = int(max_tree_depth)
         self.progress = bool(progress)
+        self.full_mass = bool(full_mass)
 
     def run(self, model: Callable, init_values: dict | None = None, **model_kwargs) -> NUTSResult:
         """Sample ``model(**model_kwargs)``; ``init_values`` (site -> value, e.g. a MAP fit) starts every chain
@@ -66,6 +70,7 @@ class NUTSEngine:
             ignore_jit_warnings=True,
             target_accept_prob=self.target_accept_prob,
             max_tree_depth=self.max_tree_depth,
+            full_mass=self.full_mass,
         )
         mcmc = MCMC(
             kernel,

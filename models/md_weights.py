@@ -23,11 +23,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
+from .components.nested_dirichlet import NestedDirichlet
 from .components.simplex import CentredDirichlet
 
 __all__ = ["FrameBlock", "FrameFactors", "diffuse_intensity", "bragg_intensity", "FrameWeightsModel",
@@ -40,12 +42,13 @@ class FrameBlock:
 
     ``re``/``im``: (R, T) centred real/imaginary parts (each voxel's mean over frames removed: x' is the weighted
     variance, shift-invariant, and centring avoids float32 cancellation where the mean dominates); ``im`` is None
-    for real F. ``mean_re``/``mean_im``: (R,) the removed means (needed for Bragg intensities). ``local``: (R,) the
+    for real F. ``power``: (R, T) ``re^2 + im^2``, kept so a step makes no (R, T) temporaries. ``mean_re``/``mean_im``: (R,) the removed means (needed for Bragg intensities). ``local``: (R,) the
     observed voxel (0..B-1) each row belongs to; ``count``: (B,) rows per observed voxel.
     """
 
     re: torch.Tensor
     im: torch.Tensor | None
+    power: torch.Tensor
     mean_re: torch.Tensor
     mean_im: torch.Tensor | None
     local: torch.Tensor
@@ -70,16 +73,49 @@ class FrameFactors:
     def __init__(self, re: torch.Tensor, im: torch.Tensor | None, voxel: torch.Tensor):
         voxel = torch.as_tensor(voxel, dtype=torch.long)
         order = torch.argsort(voxel, stable=True)
-        self.voxel = voxel[order]
         re = torch.as_tensor(re)[order]
+        im = None if im is None else torch.as_tensor(im)[order]
+        self._finish(re, im, voxel[order])
+
+    @classmethod
+    def from_stack(cls, F, columns, voxel, dtype: torch.dtype = torch.float32, chunk_bytes: int = 2**28) -> "FrameFactors":
+        """From a (T, N) array of F (NumPy, or a memory map / HDF5 dataset read a column block at a time): the
+        columns ``columns`` (R,) feed observed voxels ``voxel`` (R,). Peak memory is the result plus one block."""
+        columns, voxel = np.asarray(columns), np.asarray(voxel)
+        order = np.argsort(voxel, kind="stable")
+        position = np.empty(len(columns), dtype=np.int64)
+        position[order] = np.arange(len(columns))  # row of each wanted column in the result
+        T, R = int(F.shape[0]), len(columns)
+        is_complex = np.iscomplexobj(F) if not hasattr(F, "dtype") else np.issubdtype(F.dtype, np.complexfloating)
+        re = torch.empty(R, T, dtype=dtype)
+        im = torch.empty(R, T, dtype=dtype) if is_complex else None
+        by_column = np.argsort(columns, kind="stable")
+        step = max(1, chunk_bytes // max(1, T * 8))
+        for start in range(0, R, step):  # ascending file columns: contiguous reads
+            pick = by_column[start:start + step]
+            lo, hi = int(columns[pick[0]]), int(columns[pick[-1]]) + 1
+            block = np.asarray(F[:, lo:hi])[:, columns[pick] - lo]
+            rows = torch.as_tensor(position[pick])
+            re[rows] = torch.as_tensor(np.ascontiguousarray(block.real.T), dtype=dtype)
+            if im is not None:
+                im[rows] = torch.as_tensor(np.ascontiguousarray(block.imag.T), dtype=dtype)
+        obj = cls.__new__(cls)
+        obj._finish(re, im, torch.as_tensor(voxel[order], dtype=torch.long))
+        return obj
+
+    def _finish(self, re: torch.Tensor, im: torch.Tensor | None, voxel: torch.Tensor) -> None:
+        """Centre in place (each row's mean over frames removed), precompute |F|^2, index rows by voxel."""
+        self.voxel = voxel
         self.mean_re = re.mean(-1)
-        self.re = (re - self.mean_re[:, None]).contiguous()
+        self.re = re.sub_(self.mean_re[:, None]) if re.is_contiguous() else (re - self.mean_re[:, None]).contiguous()
         if im is not None:
-            im = torch.as_tensor(im)[order]
             self.mean_im = im.mean(-1)
-            self.im = (im - self.mean_im[:, None]).contiguous()
+            self.im = im.sub_(self.mean_im[:, None]) if im.is_contiguous() else (im - self.mean_im[:, None]).contiguous()
         else:
             self.im = self.mean_im = None
+        self.power = self.re.square()
+        if self.im is not None:
+            self.power.addcmul_(self.im, self.im)
         self.n_voxels = int(self.voxel.max()) + 1 if len(self.voxel) else 0
         count = torch.bincount(self.voxel, minlength=self.n_voxels)
         if bool((count == 0).any()):
@@ -93,7 +129,7 @@ class FrameFactors:
         return self.re.device
 
     def to(self, device) -> "FrameFactors":
-        for name in ("voxel", "re", "im", "mean_re", "mean_im", "count", "offsets"):
+        for name in ("voxel", "re", "im", "power", "mean_re", "mean_im", "count", "offsets"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -114,7 +150,8 @@ class FrameFactors:
     def block(self, idx: torch.Tensor | None = None) -> FrameBlock:
         rows, local, count = self.rows(idx)
         take = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
-        return FrameBlock(take(self.re), take(self.im), take(self.mean_re), take(self.mean_im), local, count)
+        return FrameBlock(take(self.re), take(self.im), take(self.power), take(self.mean_re), take(self.mean_im),
+                          local, count)
 
 
 def _weights_matrix(w: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
@@ -137,12 +174,9 @@ def _symmetry_mean(x: torch.Tensor, block: FrameBlock) -> torch.Tensor:
 def diffuse_intensity(w: torch.Tensor, block: FrameBlock) -> torch.Tensor:
     """``x'(h) = sum_t w_t |F(h,t)|^2 - |sum_t w_t F(h,t)|^2`` averaged over symmetry mates; (..., T) -> (..., B)."""
     wm, batch = _weights_matrix(w.to(block.re.dtype))
-    g_re = wm @ block.re.T
-    power = wm @ block.re.square().T
-    x = power - g_re.square()
+    x = wm @ block.power.T - (wm @ block.re.T).square()
     if block.im is not None:
-        g_im = wm @ block.im.T
-        x = x + wm @ block.im.square().T - g_im.square()
+        x = x - (wm @ block.im.T).square()
     return _unflatten(_symmetry_mean(x, block), batch)
 
 
@@ -200,7 +234,11 @@ class FrameWeightsModel(PyroModule):
     Sample sites
     ------------
     w : Tensor, shape (T,), no plate (event dim 1)
-        Frame weights, ``Dirichlet(concentration)`` (unconstrained by a centred softmax for NUTS and autoguides).
+        Frame weights (unconstrained by a centred softmax for NUTS and autoguides): ``Dirichlet(concentration)``, or
+        with ``groups`` (states or clusters) and ``prior="nested"`` the nested Dirichlet, flat over state masses
+        (``state_concentration`` each) and ``Dirichlet(concentration)`` inside each state. A flat Dirichlet over
+        1,000 frames is a strong prior on state masses (a state of 333 frames weighs as 333 pseudo-counts); the
+        nested one is not, whatever the number of frames per state.
     scale : Tensor, shape (), ``LogNormal(0, scale_prior_sd)``
         ``a``: observed diffuse intensity per unit of ``x'/m(w)``, the prediction relative to its mean.
     offset : Tensor, shape (), ``Normal(0, offset_prior_sd)``; only with ``offset=True``
@@ -226,6 +264,8 @@ class FrameWeightsModel(PyroModule):
     concentration : Tensor, shape (T,), optional
         Dirichlet concentration; default ``1 + c T w0`` from ``strength`` (c) and ``prior_weights`` (w0, uniform
         when None), see :func:`dirichlet_concentration`.
+    groups : array-like of int, shape (T,), optional
+        State or cluster of each frame, for the nested prior.
     voxel_weight : Tensor, shape (N,), optional
         Resolution weighting: multiplies each voxel's log-likelihood (e.g. equal total weight per shell).
     n_norm_voxels : int
@@ -240,6 +280,9 @@ class FrameWeightsModel(PyroModule):
         concentration: torch.Tensor | None = None,
         strength: float = 0.0,
         prior_weights=None,
+        groups=None,
+        prior: str = "nested",
+        state_concentration: float = 1.0,
         likelihood: str = "normal",
         dof: float = 4.0,
         noise: str = "shell",
@@ -265,6 +308,19 @@ class FrameWeightsModel(PyroModule):
         self.register_buffer("concentration", torch.as_tensor(concentration, dtype=torch.get_default_dtype()))
         if self.concentration.shape != (frames.n_frames,):
             raise ValueError(f"concentration has shape {tuple(self.concentration.shape)}, expected ({frames.n_frames},)")
+        if prior not in ("nested", "dirichlet"):
+            raise ValueError(f"prior must be 'nested' (flat over states and within each) or 'dirichlet', got {prior!r}")
+        group = None
+        if prior == "nested" and groups is not None:
+            group = torch.unique(torch.as_tensor(groups, dtype=torch.long), return_inverse=True)[1]
+            if group.shape != (frames.n_frames,):
+                raise ValueError(f"groups must give one label per frame ({frames.n_frames}), got shape {tuple(group.shape)}")
+            if int(group.max()) == 0:
+                group = None  # one state: the nested prior is the Dirichlet
+        if not state_concentration > 0:
+            raise ValueError(f"state_concentration must be positive, got {state_concentration}")
+        self.register_buffer("group", group)
+        self.state_concentration = float(state_concentration)
         self.register_buffer("shell", torch.as_tensor(shell, dtype=torch.long))
         self.n_shells = int(self.shell.max()) + 1
         self.register_buffer("voxel_weight", None if voxel_weight is None else torch.as_tensor(voxel_weight))
@@ -285,6 +341,30 @@ class FrameWeightsModel(PyroModule):
     def n_voxels(self) -> int:
         return int(self.shell.shape[0])
 
+    def weights_prior(self):
+        """Dirichlet(concentration), or with state groups the nested Dirichlet: state masses ~ Dir(state_concentration)
+        and the split inside each state ~ Dir(concentration of its frames)."""
+        if self.group is None:
+            return CentredDirichlet(self.concentration)
+        n_groups = int(self.group.max()) + 1
+        a = self.concentration.new_full((n_groups,), self.state_concentration)
+        return NestedDirichlet(a, self.concentration, self.group)
+
+    def state_mass_prior(self, labels, n_states: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prior mean and sd of the summed weight of each state in ``labels`` (Beta marginals)."""
+        labels = np.asarray(labels)
+        conc = self.concentration.cpu().double().numpy()
+        if self.group is None:
+            a = np.array([conc[labels == s].sum() for s in range(n_states)])
+        else:
+            group = self.group.cpu().numpy()
+            if not all(len(np.unique(group[labels == s])) == 1 and np.all(labels[group == group[labels == s][0]] == s)
+                       for s in range(n_states) if (labels == s).any()):
+                raise ValueError("state_mass_prior: the labels must be the model's groups")
+            a = np.full(n_states, self.state_concentration)
+        mean = a / a.sum()
+        return mean, np.sqrt(mean * (1 - mean) / (a.sum() + 1))
+
     @staticmethod
     def _noise_prior(zero: torch.Tensor, has_sigma: bool):
         # a factor on reported sigmas is near 1; an absolute sd is a fraction of the (unit-rms) normalised data
@@ -304,7 +384,7 @@ class FrameWeightsModel(PyroModule):
         subsample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         zero = self.concentration.new_zeros(())
-        w = pyro.sample("w", CentredDirichlet(self.concentration))
+        w = pyro.sample("w", self.weights_prior())
         a = pyro.sample("scale", dist.LogNormal(zero, self.scale_prior_sd))
         b = pyro.sample("offset", dist.Normal(zero, self.offset_prior_sd)) if self.offset else zero
         if self.noise == "shell":

@@ -183,6 +183,23 @@ def test_model_rejects_bad_options():
         FrameFactors(re, im, voxel + 1)
 
 
+def test_nested_prior_is_flat_over_states_whatever_their_size():
+    re, im, voxel = _random_frames(T=6)
+    ff = FrameFactors(re.float(), im.float(), voxel)
+    labels = [0, 0, 0, 0, 1, 2]  # a state of four frames, two of one
+    nested = FrameWeightsModel(ff, torch.zeros(15, dtype=torch.long), groups=labels)
+    flat = FrameWeightsModel(ff, torch.zeros(15, dtype=torch.long), groups=labels, prior="dirichlet")
+    assert isinstance(nested.weights_prior(), NestedDirichlet) and isinstance(flat.weights_prior(), CentredDirichlet)
+    mean, sd = nested.state_mass_prior(labels, 3)
+    assert np.allclose(mean, 1 / 3) and np.allclose(sd, np.sqrt((1 / 3) * (2 / 3) / 4))
+    mean, _ = flat.state_mass_prior(labels, 3)  # the flat Dirichlet over frames: mass follows the frame count
+    assert np.allclose(mean, [4 / 6, 1 / 6, 1 / 6])
+    draws = nested.weights_prior().sample((20000,))
+    assert abs(float(draws[:, :4].sum(-1).mean()) - 1 / 3) < 0.01
+    with pytest.raises(ValueError, match="must be the model's groups"):
+        nested.state_mass_prior([0, 1, 0, 1, 0, 1], 2)
+
+
 def test_guide_rejects_wrong_group_length():
     model, _ = _tiny_model()
     with pytest.raises(ValueError, match="one label per frame"):

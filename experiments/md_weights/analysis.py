@@ -33,16 +33,14 @@ def frame_table(draws: np.ndarray, labels: np.ndarray, names: list[str], truth: 
     return table
 
 
-def state_table(draws: np.ndarray, labels: np.ndarray, names: list[str], concentration: np.ndarray,
+def state_table(draws: np.ndarray, labels: np.ndarray, names: list[str], prior: tuple[np.ndarray, np.ndarray],
                 truth: np.ndarray | None = None, cc_weights: np.ndarray | None = None) -> pd.DataFrame:
-    """Per state: posterior mass (mean, sd, 90% interval), the prior's mean and sd, and the contraction
-    ``1 - var_post / var_prior``: near 0 when the data do not inform the state's mass (unidentified)."""
+    """Per state: posterior mass (mean, sd, 90% interval), the prior's mean and sd (``prior``, e.g. from
+    ``FrameWeightsModel.state_mass_prior``), and the contraction ``1 - var_post / var_prior``: near 0 when the
+    data do not inform the state's mass (unidentified)."""
     S = len(names)
     m = state_masses(draws, labels, S)
-    a = np.array([concentration[labels == s].sum() for s in range(S)])
-    a0 = concentration.sum()
-    prior_mean = a / a0
-    prior_sd = np.sqrt(prior_mean * (1 - prior_mean) / (a0 + 1))
+    prior_mean, prior_sd = prior
     q05, q95 = np.quantile(m, [0.05, 0.95], axis=0)
     sd = m.std(0)
     table = pd.DataFrame({"state": names, "n_frames": np.bincount(labels, minlength=S), "mean": m.mean(0), "sd": sd,

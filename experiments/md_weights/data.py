@@ -318,15 +318,12 @@ class MDWeightsDataSource:
         row_voxel = voxel_of_asu[index]
         rows = np.where(row_voxel >= 0)[0]
         info["n_frame_rows_used"] = int(len(rows))
-        F = np.asarray(frames.F[:, rows])  # (T, R)
-        if kind == "real":
-            F = F.real if np.iscomplexobj(F) else F
+        F = frames.F
+        if kind == "real" and np.iscomplexobj(F):
+            F = np.asarray(F).real
+        ff = FrameFactors.from_stack(F, rows, row_voxel[rows], dtype=dtype)
         y = diffuse.intensity[obs_rows]
         sigma = diffuse.sigma[obs_rows] if (diffuse.sigma is not None and self.use_sigma) else None
-        voxel = torch.as_tensor(row_voxel[rows])
-        re = torch.as_tensor(np.ascontiguousarray(F.real.T if np.iscomplexobj(F) else F.T), dtype=dtype)
-        im = torch.as_tensor(np.ascontiguousarray(F.imag.T), dtype=dtype) if np.iscomplexobj(F) else None
-        ff = FrameFactors(re, im, voxel)
         # normalisation: the model predicts x'/mean(x'); y is put on the same footing
         from physppl.models.md_weights import bragg_intensity, diffuse_intensity
 
@@ -343,6 +340,7 @@ class MDWeightsDataSource:
         for part in (ff.re, ff.mean_re, ff.im, ff.mean_im):  # F in units where x' of uniform weights has mean 1
             if part is not None:
                 part /= x_scale ** 0.5
+        ff.power /= x_scale
         to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=dtype)  # noqa: E731
         y_n, s_n = (y - b0) / a0, (None if sigma is None else sigma / a0)
         yb = sb = None

@@ -59,7 +59,7 @@ class WeightsFit:
 
 def build_model(model_factory, data: MDData, voxel_weight=None, prior_weights=None):
     """Instantiate the configured model on prepared data."""
-    return model_factory(frames=data.frames, shell=data.shell, prior_weights=prior_weights,
+    return model_factory(frames=data.frames, shell=data.shell, prior_weights=prior_weights, groups=data.labels,
                          has_sigma=data.sigma is not None, bragg=data.y_bragg is not None,
                          bragg_has_sigma=data.sigma_bragg is not None, voxel_weight=voxel_weight)
 
@@ -181,7 +181,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     result = fit(model, data, engine, guide, workdir=out, n_draws=n_draws)
 
     w = result.flat("w")
-    conc = model.concentration.cpu().numpy()
+    prior = model.state_mass_prior(data.labels, len(data.label_names))
     cc_cfg = cfg.get("cc_baseline") or {}
     cc = None
     if cc_cfg.get("enabled", True):
@@ -190,7 +190,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     true_w = truth.get("weights") if truth else None
     true_m = np.asarray(truth["state_masses"]) if truth and len(truth["state_masses"]) == len(data.label_names) else None
     frames_tab = analysis.frame_table(w, data.labels, data.label_names, true_w, None if cc is None else cc.weights)
-    states_tab = analysis.state_table(w, data.labels, data.label_names, conc, true_m, None if cc is None else cc.weights)
+    states_tab = analysis.state_table(w, data.labels, data.label_names, prior, true_m, None if cc is None else cc.weights)
     atomic_write(out / "weights.csv", lambda p: frames_tab.to_csv(p, index=False))
     atomic_write(out / "states.csv", lambda p: states_tab.to_csv(p, index=False))
     print(states_tab.to_string(index=False))

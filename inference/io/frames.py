@@ -199,24 +199,30 @@ def read_frames(
     return FrameSet(F, hkl_arr, cell, sg, labels, state_names), frames_kind
 
 
-def read_labels(path: PathLike, n_frames: int) -> tuple[np.ndarray, list[str]]:
-    """State/cluster label per frame from a CSV (a column named state/label/cluster, or the only column) or .npy."""
+def _per_frame_column(path: PathLike, n_frames: int, names: tuple[str, ...], what: str) -> np.ndarray:
+    """One value per frame from a .npy, or a CSV column named one of ``names`` (or its only column)."""
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"labels file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{what} file {str(p)!r} does not exist")
     if p.suffix == ".npy":
         raw = np.load(p, allow_pickle=False)
     else:
         table = pd.read_csv(p)
-        col = next((c for c in table.columns if c.lower() in ("state", "label", "cluster")), None)
+        col = next((c for c in table.columns if c.lower() in names), None)
         if col is None:
             if table.shape[1] != 1:
-                raise FrameInputError(f"{p}: expected a column named state, label or cluster; found {list(table.columns)}")
+                raise FrameInputError(f"{p}: expected a column named {' or '.join(names)}; found {list(table.columns)}")
             col = table.columns[0]
         raw = table[col].to_numpy()
     raw = np.asarray(raw).reshape(-1)
     if raw.shape[0] != n_frames:
-        raise FrameInputError(f"{p}: {raw.shape[0]} labels for {n_frames} frames")
+        raise FrameInputError(f"{p}: {raw.shape[0]} {what} for {n_frames} frames")
+    return raw
+
+
+def read_labels(path: PathLike, n_frames: int) -> tuple[np.ndarray, list[str]]:
+    """State/cluster label per frame from a CSV (a column named state/label/cluster, or the only column) or .npy."""
+    raw = _per_frame_column(path, n_frames, ("state", "label", "cluster"), "labels")
     names, labels = np.unique(raw.astype(str), return_inverse=True)
     return labels.astype(np.int64), [str(n) for n in names]
 
@@ -224,24 +230,9 @@ def read_labels(path: PathLike, n_frames: int) -> tuple[np.ndarray, list[str]]:
 def read_weights(path: PathLike, n_frames: int) -> np.ndarray:
     """Prior weight of each frame (e.g. from a maximum-entropy or BME run) from a CSV (column weight/w/prior, or the
     only column) or .npy; positive, normalised to sum 1."""
-    p = pathlib.Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"prior weights file {str(p)!r} does not exist")
-    if p.suffix == ".npy":
-        w = np.load(p, allow_pickle=False)
-    else:
-        table = pd.read_csv(p)
-        col = next((c for c in table.columns if c.lower() in ("weight", "w", "prior", "prior_weight")), None)
-        if col is None:
-            if table.shape[1] != 1:
-                raise FrameInputError(f"{p}: expected a column named weight, w or prior; found {list(table.columns)}")
-            col = table.columns[0]
-        w = table[col].to_numpy()
-    w = np.asarray(w, dtype=float).reshape(-1)
-    if w.shape[0] != n_frames:
-        raise FrameInputError(f"{p}: {w.shape[0]} prior weights for {n_frames} frames")
+    w = _per_frame_column(path, n_frames, ("weight", "w", "prior", "prior_weight"), "prior weights").astype(float)
     if not np.isfinite(w).all() or (w <= 0).any():
-        raise FrameInputError(f"{p}: prior weights must be finite and positive ({int((~np.isfinite(w) | (w <= 0)).sum())} are not)")
+        raise FrameInputError(f"{path}: prior weights must be finite and positive ({int((~np.isfinite(w) | (w <= 0)).sum())} are not)")
     return w / w.sum()
 
 

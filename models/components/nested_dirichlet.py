@@ -15,6 +15,8 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
+from .simplex import centred_simplex
+
 __all__ = ["NestedDirichlet"]
 
 
@@ -37,7 +39,7 @@ class NestedDirichlet(dist.TorchDistribution):
     """
 
     arg_constraints = {"group_concentration": constraints.positive, "concentration": constraints.positive}
-    support = constraints.simplex
+    support = centred_simplex  # unconstrained by a centred softmax, like the frames' Dirichlet
     has_rsample = True
 
     def __init__(self, group_concentration: torch.Tensor, concentration: torch.Tensor, group: torch.Tensor,
