@@ -62,6 +62,9 @@ class SVIEngine:
         crosses zero).
     batch_size : int, optional
         Minibatch size over the data plate (epochs of random permutations); ``None`` = full batch.
+    batch_order : {"random", "blocks"}
+        ``random``: each minibatch a random subset; ``blocks``: contiguous index ranges in random order, for data
+        laid out so that a slice is a random sample and costs no copy (e.g. rows shuffled once, or on disk).
     checkpoint_every : int
         Save a checkpoint every this many steps (0 = only at the end and on interrupt).
     checkpoint_path : path, optional
@@ -82,6 +85,7 @@ class SVIEngine:
         window: int = 100,
         rtol: float = 1e-4,
         batch_size: int | None = None,
+        batch_order: str = "random",
         checkpoint_every: int = 500,
         checkpoint_path: str | os.PathLike | None = None,
         resume: bool = False,
@@ -91,6 +95,9 @@ class SVIEngine:
             raise ValueError(f"SVIEngine: max_steps must be >= 1, got {max_steps}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"SVIEngine: batch_size must be >= 1 or null, got {batch_size}")
+        if batch_order not in ("random", "blocks"):
+            raise ValueError(f"SVIEngine: batch_order must be 'random' or 'blocks', got {batch_order!r}")
+        self.batch_order = batch_order
         self.optim = optim if optim is not None else ClippedAdam({"lr": 0.01})
         self.loss = loss if loss is not None else Trace_ELBO()
         self.max_steps = int(max_steps)
@@ -132,6 +139,11 @@ class SVIEngine:
             while True:
                 yield None
         while True:
+            if self.batch_order == "blocks":
+                starts = torch.arange(0, n_data - self.batch_size + 1, self.batch_size)
+                for start in starts[torch.randperm(len(starts), generator=generator)].tolist():
+                    yield torch.arange(start, start + self.batch_size)
+                continue
             perm = torch.randperm(n_data, generator=generator)
             for start in range(0, n_data - self.batch_size + 1, self.batch_size):
                 yield perm[start : start + self.batch_size]

@@ -135,11 +135,17 @@ class FrameFactors:
                 setattr(self, name, value.to(device))
         return self
 
-    def rows(self, idx: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Row indices, local voxel index and row count for observed voxels ``idx`` (None: all, in order)."""
+    def rows(self, idx: torch.Tensor | None) -> tuple[torch.Tensor | slice | None, torch.Tensor, torch.Tensor]:
+        """Rows (indices, or a slice for a contiguous range), local voxel index and row count for observed voxels
+        ``idx`` (None: all, in order)."""
         if idx is None:
             return None, self.voxel, self.count
         idx = idx.to(self.offsets.device)
+        first, last = int(idx[0]), int(idx[-1])
+        if last - first + 1 == len(idx) and bool((idx[1:] > idx[:-1]).all()):
+            # a contiguous range of voxels is a contiguous range of rows: a view, no copy
+            lo, hi = int(self.offsets[first]), int(self.offsets[last + 1])
+            return slice(lo, hi), self.voxel[lo:hi] - first, self.count[first:last + 1]
         count = self.count[idx]
         starts = self.offsets[idx]
         local = torch.repeat_interleave(torch.arange(len(idx), device=idx.device), count)

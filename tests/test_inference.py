@@ -148,6 +148,16 @@ def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(y, tmp_path, monkey
     assert state["step"] == 39 and len(state["losses"]) == 39
 
 
+def test_block_minibatches_are_contiguous_and_cover_every_index():
+    engine = _engine(batch_size=3, batch_order="blocks")
+    batches = engine._batches(10, torch.Generator().manual_seed(0))
+    epoch = [next(batches) for _ in range(3)]
+    assert all(torch.equal(b, torch.arange(int(b[0]), int(b[0]) + 3)) for b in epoch)
+    assert sorted(int(b[0]) for b in epoch) == [0, 3, 6]
+    with pytest.raises(ValueError, match="batch_order"):
+        _engine(batch_order="sorted")
+
+
 def test_callback_stops_training_with_its_reason(y, tmp_path):
     seen = []
 

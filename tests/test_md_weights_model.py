@@ -38,9 +38,12 @@ def test_diffuse_and_bragg_intensity_match_direct_formula(complex_):
     expect_b = torch.zeros(15, dtype=torch.float64).index_add(0, voxel, b_rows) / torch.bincount(voxel)
     assert torch.allclose(diffuse_intensity(w, ff.block()), expect_x, rtol=1e-10)
     assert torch.allclose(bragg_intensity(w, ff.block()), expect_b, rtol=1e-10)
-    # a subset of observed voxels gives the same values for those voxels
+    # a subset of observed voxels gives the same values for those voxels; a contiguous range slices without a copy
     idx = torch.tensor([3, 0, 11])
     assert torch.allclose(diffuse_intensity(w, ff.block(idx)), expect_x[idx], rtol=1e-10)
+    block = ff.block(torch.arange(4, 9))
+    assert block.re.data_ptr() == ff.re[int(ff.offsets[4])].data_ptr()
+    assert torch.allclose(diffuse_intensity(w, block), expect_x[4:9], rtol=1e-10)
     # batched weights (particles x plate slot) map to (particles, voxels)
     wb = dist.Dirichlet(torch.ones(5, dtype=torch.float64)).sample((4, 1))
     assert diffuse_intensity(wb, ff.block(idx)).shape == (4, 3)

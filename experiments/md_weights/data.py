@@ -304,7 +304,8 @@ class MDWeightsDataSource:
         if n_match < len(obs_key):
             log.warning("%d of %d observed reflections have no frame structure factor; fitting the %d that do",
                         len(obs_key) - n_match, len(obs_key), n_match)
-        obs_rows = np.where(covered)[0]
+        # voxels in a fixed random order: a contiguous block of them is then a random sample (minibatches by slicing)
+        obs_rows = np.random.default_rng(0).permutation(np.where(covered)[0])
         hkl = diffuse.hkl[obs_rows]
         dhkl = _dhkl(hkl, diffuse.cell)
         if self.dmin is not None:
