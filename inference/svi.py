@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.elbo import ELBO
 from pyro.optim import ClippedAdam, PyroOptim
@@ -125,9 +126,32 @@ class SVIEngine:
         torch.save(state, tmp)
         os.replace(tmp, path)
 
+    def _register_params(self, model: Callable, guide: Callable, n_data: int | None, model_kwargs: dict) -> None:
+        """Run guide and model once, so every parameter is in the store as the tensor its module computes with."""
+        full = n_data is None or self.batch_size is None or self.batch_size >= n_data
+        idx = None if full else torch.arange(self.batch_size)
+        with torch.no_grad(), poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(**model_kwargs, subsample=idx)
+            poutine.replay(model, trace=guide_trace)(**model_kwargs, subsample=idx)
+
     def _load(self, path: Path) -> tuple[int, list[float]]:
         state = torch.load(path, weights_only=False)
-        pyro.get_param_store().set_state(state["params"])
+        # Copy into the store's tensors rather than replacing them (ParamStoreDict.set_state): nn.Modules registered
+        # with pyro.module keep computing with their own Parameter objects, which a replacement would orphan.
+        store = pyro.get_param_store()
+        saved = state["params"]
+        for name, value in saved["params"].items():
+            current = store._params.get(name)
+            if current is None:
+                store._params[name] = value
+                store._param_to_name[value] = name
+            elif current.shape != value.shape:
+                raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {tuple(value.shape)}, the model's "
+                                 f"{tuple(current.shape)}: the configuration changed since it was written")
+            else:
+                with torch.no_grad():
+                    current.copy_(value)
+        store._constraints.update(saved["constraints"])
         self.optim.set_state(state["optim"])
         pyro.util.set_rng_state(state["rng"])
         self._generator.set_state(state["batch_rng"])
@@ -180,6 +204,7 @@ class SVIEngine:
                     f"inference.resume=true but no checkpoint at {ckpt}: run in the same directory "
                     "(hydra.run.dir=...) or set inference.checkpoint_path"
                 )
+            self._register_params(model, guide, n_data, model_kwargs)
             start_step, result.losses = self._load(ckpt)
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)

@@ -88,6 +88,30 @@ def test_checkpoint_resume_matches_uninterrupted_run(y, tmp_path):
         assert torch.allclose(pyro.param(k).detach(), v, atol=1e-5), k
 
 
+def test_resume_restores_torch_modules_registered_with_pyro_module(y, tmp_path):
+    """pyro.module keeps the module's own Parameter objects in the store: resume must update those in place."""
+    holder = {}
+
+    def net_guide(y, subsample=None):
+        out = pyro.module("net", holder["net"])(torch.ones(1))
+        pyro.sample("mu", dist.Normal(out[0], torch.nn.functional.softplus(out[1])))
+
+    def new_process(seed):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(5)
+        torch.manual_seed(seed)
+        holder["net"] = torch.nn.Linear(1, 2)  # built afresh, as a new process would
+
+    new_process(5)
+    _engine(max_steps=200, min_steps=200).run(model, net_guide, workdir=tmp_path / "a", y=y)
+    expected = holder["net"](torch.ones(1)).detach().clone()
+    new_process(5)
+    _engine(max_steps=120, min_steps=200, checkpoint_every=60).run(model, net_guide, workdir=tmp_path / "b", y=y)
+    new_process(99)  # other initial weights: only the checkpoint can bring the module back
+    _engine(max_steps=200, min_steps=200, resume=True).run(model, net_guide, workdir=tmp_path / "b", y=y)
+    assert torch.allclose(holder["net"](torch.ones(1)).detach(), expected, atol=1e-5)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(y, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _engine(resume=True).run(model, AutoNormal(model), workdir=tmp_path, y=y)
