@@ -70,7 +70,8 @@ def test_two_frames_with_bragg_recover_the_split(split):
 
 def test_states_among_100_frames_masses_within_002_decoy_below_002():
     data = _data(n_frames=100, truth="frames", state_masses=[0.5, 0.5, 0.0])
-    model, result = _svi(data, max_steps=800, min_steps=300, warm=150)
+    # near an even split the diffuse data pin the masses only to second order: give SVI the steps to get there
+    model, result = _svi(data, max_steps=1500, min_steps=1200, warm=150)
     states = _states(model, data, result)
     assert np.abs(states["mean"].to_numpy() - [0.5, 0.5, 0.0]).max() < 0.02
     assert states["mean"].iloc[2] < 0.02
