@@ -74,6 +74,21 @@ def test_observed_file_single_scan_and_simulation_cache(tmp_path):
     assert torch.equal(theta2[:600], theta) and len(list((tmp_path / "cache").rglob("seed0_chunk*.pt"))) == 2
 
 
+def test_sequential_rounds_on_an_observed_csv_scan(tmp_path):
+    """The documented command: physppl +experiment=beam_sbi inference.rounds=4 data.observed=scan.csv (tiny budget)."""
+    from physppl.experiments.beam_sbi.data import fixed_observations
+    from physppl.models.beam import KnifeEdgeBeamModel
+
+    _, x = fixed_observations(KnifeEdgeBeamModel(), 1, seed=7)
+    np.savetxt(tmp_path / "scan.csv", x[0].double().numpy())
+    metrics, out = _run(tmp_path, [f"data.observed={tmp_path / 'scan.csv'}", "evaluate.sbc=0", "inference.rounds=2",
+                                   "inference.simulations_per_round=300"])
+    idata = az.from_netcdf(out / "posterior.nc")
+    assert metrics["n_obs"] == 1 and idata.posterior["mu_x"].dims == ("chain", "draw")
+    draws = idata.posterior["sig_x"].values.ravel()
+    assert np.isfinite(draws).all() and ((draws > 0.1) & (draws < 0.6)).all()  # inside the prior's box
+
+
 def test_resume_continues_training(tmp_path):
     fast = ["evaluate.sbc=0", "data.n_observations=1", "inference.focus=null", "evaluate.plots=0"]
     _run(tmp_path, fast, "r")
