@@ -17,14 +17,17 @@ import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from .outputs import write_metrics
+from .plugins import require_plugins
 from .svi import TrainingDivergedError
 
 __all__ = ["run", "main"]
 
 log = logging.getLogger("physppl")
+# arviz 0.23 logs at INFO, on import, that its 1.x preview packages are absent: noise in every job's log
+logging.getLogger("arviz.preview").setLevel(logging.WARNING)
 
 
 def prepare_job(cfg: DictConfig) -> None:
@@ -55,20 +58,60 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     return metrics
 
 
+def _sweeper_direction() -> str | None:
+    """``minimize``/``maximize`` when an optimising sweeper (optuna) drives this job, else None."""
+    if not HydraConfig.initialized():
+        return None
+    sweeper = HydraConfig.get().sweeper
+    if "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return None
+    direction = sweeper.get("direction", "minimize")
+    if isinstance(direction, ListConfig):  # multi-objective: physppl returns one value, the first direction
+        direction = direction[0]
+    return str(getattr(direction, "name", direction)).lower()
+
+
+def objective_value(cfg: DictConfig, metrics: dict, required: bool = True) -> float | None:
+    """The metric named by ``cfg.objective``, as the float a sweeper optimises (NaN when the run produced none).
+
+    A metric this run did not compute (e.g. CC1/2 without half datasets) is an error only when ``required``
+    (an optimising sweeper waits for it); otherwise None.
+    """
+    objective = cfg.get("objective")
+    if not objective or (objective not in metrics and not required):
+        return None
+    if objective not in metrics:
+        numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        raise ValueError(f"objective={objective!r} is not among this run's metrics; "
+                         f"numeric metrics: {', '.join(numeric)}")
+    value = metrics[objective]
+    return float("nan") if value is None else float(value)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://physppl.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    direction = _sweeper_direction()
+    if direction is not None:
+        if not cfg.get("objective"):
+            sys.exit("physppl: error: an optimising sweeper needs a metric to optimise: set objective=<a key of "
+                     "metrics.json> (the experiments set one, e.g. +experiment=merging)")
+        wanted = cfg.get("objective_direction")
+        if wanted and str(wanted).lower() != direction:
+            log.warning("the sweeper will %s %s, but this experiment's objective_direction is %s: "
+                        "add hydra.sweeper.direction=%s", direction, cfg.objective, wanted, wanted)
     try:
         metrics = run(cfg)
+        # a scalar for sweepers (e.g. optuna): the experiment names its objective in cfg.objective
+        return objective_value(cfg, metrics, required=direction is not None)
     except (ValueError, FileNotFoundError, TrainingDivergedError) as err:
         # a clear one-line error for bad input or divergence, instead of a traceback
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(f"physppl: error: {err}")
-    # a scalar for sweepers (e.g. optuna): the task names its objective in cfg.objective
-    objective = cfg.get("objective")
-    return metrics.get(objective) if objective else None
 
 
 def main() -> None:
+    # name the pip package of a missing launcher/sweeper before Hydra fails with a bare "could not find"
+    require_plugins(sys.argv[1:])
     _hydra_main()
 
 

@@ -63,7 +63,7 @@ def _pointwise_log_lik(model: Callable, model_kwargs: dict, draws: dict[str, tor
                     rows[o].append(tr.nodes[o]["fn"].log_prob(tr.nodes[o]["value"]))
             for o in observed:
                 result[o].append(torch.stack(rows[o]))
-    return {o: torch.stack(v).numpy() for o, v in result.items()}
+    return {o: torch.stack(v).cpu().numpy() for o, v in result.items()}
 
 
 def to_inference_data(

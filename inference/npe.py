@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import resolve_device
 from .svi import TrainingDivergedError
 
 __all__ = ["SBIPlan", "NPETrainer", "NPEResult", "AmortizedPosterior", "load_posterior", "VariationalFocus", "FocusResult", "importance_diagnostics",
@@ -74,6 +75,9 @@ class NPETrainer:
         Continue from ``<workdir>/<name>.pt`` if it exists.
     progress : bool
         tqdm progress bar over epochs.
+    device : str, optional
+        Where to train (``auto``, ``cpu``, ``cuda[:n]``): the flow and the pairs move there for training and the
+        flow comes back to the device it was on, so sampling and evaluation code need not know.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class NPETrainer:
         max_time: float | None = None,
         resume: bool = False,
         progress: bool = True,
+        device: str | None = None,
     ):
         if not 0 < validation_fraction < 1:
             raise ValueError(f"NPETrainer: validation_fraction must be in (0, 1), got {validation_fraction}")
@@ -98,6 +103,7 @@ class NPETrainer:
         self.clip_norm, self.lr_decay = float(clip_norm), float(lr_decay)
         self.max_time = None if max_time is None else float(max_time)
         self.resume, self.progress = bool(resume), bool(progress)
+        self.device = None if device is None else resolve_device(device)
 
     def _save(self, path: Path, state: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +128,19 @@ class NPETrainer:
             raise ValueError(f"NPETrainer: {len(theta)} simulations are too few to train on")
         if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
             raise ValueError("NPETrainer: the training pairs contain NaN or infinite values")
+        home = next(iter(flow.parameters()), theta).device
+        if self.device is not None and self.device != home:
+            flow.to(self.device)
+            theta, x = theta.to(self.device), x.to(self.device)
+        try:
+            return self._fit(flow, theta, x, n_val, workdir, name, standardize)
+        finally:
+            flow.to(home)
+
+    def _fit(self, flow: nn.Module, theta: torch.Tensor, x: torch.Tensor, n_val: int, workdir, name: str,
+             standardize: bool) -> NPEResult:
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        perm = torch.randperm(len(theta), generator=gen)
+        perm = torch.randperm(len(theta), generator=gen).to(theta.device)
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if standardize:
             flow.fit_standardization(theta[train_idx], x[train_idx])
@@ -133,11 +150,11 @@ class NPETrainer:
         best_state, best_val, since_best = copy.deepcopy(flow.state_dict()), float("inf"), 0
         ckpt = None if workdir is None else Path(workdir) / f"{name}.pt"
         if self.resume and ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=False, map_location=theta.device)
             flow.load_state_dict(state["flow"])
             optim.load_state_dict(state["optim"])
             sched.load_state_dict(state["sched"])
-            gen.set_state(state["gen"])
+            gen.set_state(state["gen"].cpu())
             val_idx, train_idx = state["val_idx"], state["train_idx"]
             best_state, best_val, since_best = state["best_state"], state["best_val"], state["since_best"]
             result.train_losses, result.val_losses = state["train_losses"], state["val_losses"]
@@ -155,7 +172,7 @@ class NPETrainer:
                     result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"
                     break
                 flow.train()
-                order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+                order = train_idx[torch.randperm(len(train_idx), generator=gen).to(train_idx.device)]
                 total, count = 0.0, 0
                 for start in range(0, len(order), self.batch_size):
                     idx = order[start:start + self.batch_size]

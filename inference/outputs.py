@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["atomic_write", "write_json", "write_metrics", "protect_inputs"]
+__all__ = ["atomic_write", "write_json", "write_metrics", "write_losses", "protect_inputs", "LOSSES_FILE"]
+
+LOSSES_FILE = "losses.csv"  # the training curve of a run, read back by physppl-report
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], protect: tuple = ()) -> Path:
@@ -57,6 +59,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def write_metrics(output_dir: str | os.PathLike, metrics: dict) -> Path:
     """Write ``metrics.json``: the run's headline figures, so sweeps compare without re-reading posteriors."""
     return write_json(Path(output_dir) / "metrics.json", metrics)
+
+
+def write_losses(output_dir: str | os.PathLike, losses, step=None, **columns) -> Path | None:
+    """Write the training curve as ``losses.csv`` (columns ``step``, ``loss`` and any extra equal-length columns).
+
+    ``loss`` is the quantity the run minimised (negative ELBO for SVI); ``step`` defaults to 1..n.
+    Nothing is written for an empty curve (NUTS runs).
+    """
+    import numpy as np
+    import pandas as pd
+
+    loss = np.asarray(losses, dtype=float).reshape(-1)
+    if loss.size == 0:
+        return None
+    table = {"step": np.arange(1, loss.size + 1) if step is None else np.asarray(step), "loss": loss}
+    for name, values in columns.items():
+        values = np.asarray(values, dtype=float).reshape(-1)
+        if values.size != loss.size:
+            raise ValueError(f"write_losses: column {name!r} has {values.size} values for {loss.size} losses")
+        table[name] = values
+    frame = pd.DataFrame(table)
+    return atomic_write(Path(output_dir) / LOSSES_FILE, lambda p: frame.to_csv(p, index=False))
 
 
 def protect_inputs(*paths: str | os.PathLike | None) -> tuple[Path, ...]:

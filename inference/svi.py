@@ -135,7 +135,8 @@ class SVIEngine:
             poutine.replay(model, trace=guide_trace)(**model_kwargs, subsample=idx)
 
     def _load(self, path: Path) -> tuple[int, list[float]]:
-        state = torch.load(path, weights_only=False)
+        # onto the CPU first: copy_ below moves each tensor to its parameter's device (a GPU run resumes on a CPU)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         # Copy into the store's tensors rather than replacing them (ParamStoreDict.set_state): nn.Modules registered
         # with pyro.module keep computing with their own Parameter objects, which a replacement would orphan.
         store = pyro.get_param_store()

@@ -15,7 +15,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .components.likelihoods import NormalLikelihood
+from .components.likelihoods import NormalLikelihood, likelihood_from_name
 from .components.wilson import wilson_prior
 
 __all__ = ["MergingModel"]
@@ -42,8 +42,8 @@ class MergingModel(PyroModule):
     scale : nn.Module or factory
         Scale model (see :mod:`physppl.models.components.scale`); a factory is called with
         ``n_images`` and ``n_features``.
-    likelihood : callable
-        ``likelihood(loc, sigma) -> Distribution``.
+    likelihood : callable or str
+        ``likelihood(loc, sigma) -> Distribution``, or its name (``normal``, ``student_t``, ``laplace``).
     error_model : nn.Module, optional
         ``error_model(sigma, loc) -> sigma'`` inflating the reported sigmas for systematic error
         (see :class:`~physppl.models.components.error_model.ErrorModel`); ``None`` uses them as reported.
@@ -55,7 +55,7 @@ class MergingModel(PyroModule):
         epsilon: torch.Tensor,
         sigma_n: torch.Tensor,
         scale: nn.Module | Callable[..., nn.Module],
-        likelihood: Callable = NormalLikelihood(),
+        likelihood: Callable | str = NormalLikelihood(),
         error_model: nn.Module | None = None,
         n_images: int | None = None,
         n_features: int | None = None,
@@ -65,7 +65,7 @@ class MergingModel(PyroModule):
         self.register_buffer("epsilon", torch.as_tensor(epsilon, dtype=torch.get_default_dtype()))
         self.register_buffer("sigma_n", torch.as_tensor(sigma_n, dtype=torch.get_default_dtype()))
         self.scale = scale if isinstance(scale, nn.Module) else scale(n_images=n_images, n_features=n_features)
-        self.likelihood = likelihood
+        self.likelihood = likelihood_from_name(likelihood) if isinstance(likelihood, str) else likelihood
         self.error_model = error_model
 
     @property

@@ -30,7 +30,7 @@ def _run(tmp_path, overrides, name="run"):
 def test_default_job_writes_every_output(tmp_path):
     metrics, out = _run(tmp_path, [])
     for f in ("posterior.nc", "posterior.pt", "metrics.json", "calibration.json", "summary.csv", "pair_obs0.png",
-              "predictive_obs0.png", "sbc_ranks.png", "coverage.png", "training.png", "npe_checkpoint.pt"):
+              "predictive_obs0.png", "sbc_ranks.png", "coverage.png", "training.png", "losses.csv", "npe_checkpoint.pt"):
         assert (out / f).is_file(), f
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     saved = json.loads((out / "metrics.json").read_text())

@@ -100,3 +100,16 @@ def test_guide_rejects_bad_input():
         MergingGuide(torch.ones(2), torch.ones(2), family="beta")
     with pytest.raises(ValueError, match="NaN"):
         MergingGuide(torch.tensor([1.0, float("nan")]), torch.ones(2))
+
+
+def test_likelihood_by_name_for_command_line_sweeps():
+    """``model.likelihood=student_t`` (a plain string in a sweep) gives the same model as the config group."""
+    from physppl.models.components.likelihoods import StudentTLikelihood, likelihood_from_name
+
+    loc, sigma = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5])
+    y = torch.tensor([1.3, 9.0])
+    by_name = likelihood_from_name("Student_T")(loc, sigma).log_prob(y)
+    torch.testing.assert_close(by_name, StudentTLikelihood()(loc, sigma).log_prob(y))
+    assert likelihood_from_name("normal")(loc, sigma).log_prob(y)[1] < by_name[1]  # the outlier costs more
+    with pytest.raises(ValueError, match="unknown likelihood 'cauchy'.*normal, student_t, laplace"):
+        likelihood_from_name("cauchy")

@@ -27,7 +27,7 @@ def _cfg(*overrides, svi=True):
 def test_default_run_writes_every_output(tmp_path):
     metrics = run(_cfg(), tmp_path)
     for name in ("weights.csv", "states.csv", "diffuse_fit.mtz", "cc_shells.csv", "posterior.nc", "summary.csv",
-                 "metrics.json", "weights.png", "states.png", "fit_by_shell.png", "cc_shells.png", "loss.png"):
+                 "metrics.json", "weights.png", "states.png", "fit_by_shell.png", "cc_shells.png", "loss.png", "losses.csv"):
         assert (tmp_path / name).exists(), name
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("cc", "cc_fit_cc", "n_eff", "state_mass_mean", "state_mass_max_error", "cc_fit_state_mass_max_error",

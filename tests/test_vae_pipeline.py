@@ -33,7 +33,7 @@ def _compose(overrides):
 def test_digits_job_writes_every_output(tmp_path):
     cfg = _compose(["+experiment=vae_digits", "model.latent_dim=4", *TINY])
     m = app_run(cfg, tmp_path)
-    for name in ("posterior.nc", "metrics.json", "latents.csv", "loss.png", "reconstructions.png", "samples.png",
+    for name in ("posterior.nc", "metrics.json", "latents.csv", "loss.png", "losses.csv", "reconstructions.png", "samples.png",
                  "latent.png", "checkpoint.pt", "heldout.json"):
         assert (tmp_path / name).exists(), name
     assert m["steps"] == 2 * (m["n_train"] // 128) and m["epochs_run"] == 2

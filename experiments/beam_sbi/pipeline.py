@@ -27,7 +27,7 @@ from physppl.guides.beam import KnifeEdgeFlowGuide
 from physppl.inference.calibration import c2st, coverage, rank_uniformity, sbc_ranks
 from physppl.inference.convert import draws_to_inference_data
 from physppl.inference.npe import AmortizedPosterior, SBIPlan, TruncatedSequentialNPE
-from physppl.inference.outputs import atomic_write, protect_inputs, write_json
+from physppl.inference.outputs import atomic_write, protect_inputs, write_json, write_losses
 from physppl.models.beam import PARAM_NAMES, KnifeEdgeBeamModel
 
 from . import plots
@@ -38,7 +38,7 @@ __all__ = ["run", "train_amortized", "infer_observation", "DEFAULT_EVALUATE", "O
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("posterior.nc", "posterior.pt", "metrics.json", "calibration.json", "summary.csv")
+OUTPUT_FILES = ("posterior.nc", "posterior.pt", "metrics.json", "calibration.json", "summary.csv", "losses.csv")
 DEFAULT_EVALUATE = {"reference": True, "n_reference": 10_000, "c2st_draws": 5000, "max_c2st": 10, "sbc": 200,
                     "sbc_draws": 100, "plots": 3, "predictive_draws": 200}
 
@@ -210,6 +210,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     if int(evaluate["sbc"]) > 0:
         metrics.update(_sbc(posterior, model, int(evaluate["sbc"]), int(evaluate["sbc_draws"]), out, calibration))
     focus_losses = {k: i["focus_losses"] for k, i in enumerate(infos) if "focus_losses" in i}
+    train, val = train_info["train_losses"], train_info["val_losses"]
+    if train:  # NPE: mean -log q(theta | x) per epoch, on training and held-out pairs
+        write_losses(out, train, **({"val_loss": val} if len(val) == len(train) else {}))
     plots.plot_training(train_info["train_losses"], train_info["val_losses"], out / "training.png", focus_losses or None)
     write_json(out / "calibration.json", calibration)
     metrics = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in metrics.items()}

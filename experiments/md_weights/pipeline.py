@@ -26,7 +26,7 @@ from physppl.inference.convert import draws_to_inference_data, summarize
 from physppl.inference.device import resolve_device
 from physppl.inference.io.frames import read_weights, write_intensity_mtz
 from physppl.inference.nuts import NUTSEngine
-from physppl.inference.outputs import atomic_write, protect_inputs
+from physppl.inference.outputs import atomic_write, protect_inputs, write_losses
 from physppl.inference.svi import SVIEngine
 
 from . import analysis, plots
@@ -38,7 +38,7 @@ __all__ = ["run", "fit", "WeightsFit", "OUTPUT_FILES", "LATENTS"]
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("weights.csv", "states.csv", "diffuse_fit.mtz", "cc_shells.csv", "posterior.nc", "summary.csv",
-                "metrics.json", "checkpoint.pt")
+                "metrics.json", "checkpoint.pt", "losses.csv")
 LATENTS = ("w", "scale", "offset", "noise", "bragg_scale", "bragg_noise")
 # pointwise log-likelihoods cost draws x voxels; beyond this many values posterior.nc goes without them
 MAX_LOG_LIKELIHOOD_VALUES = 20_000_000
@@ -251,6 +251,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     plots.plot_fit_by_shell(y, pred["pred_mean"], data.shell.cpu().numpy(), edges_d, out / "fit_by_shell.png")
     plots.plot_cc_shells(shell_tables, out / "cc_shells.png")
     if result.losses:
+        write_losses(out, result.losses)
         plot_loss(result.losses, out / "loss.png")
     metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
     log.info("metrics: %s", metrics)

@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from physppl.inference.convert import draw_from_guide, draws_to_inference_data, summarize, to_inference_data
+from physppl.inference.device import resolve_device
 from physppl.inference.io.mtz import read_merged_mtz, write_mtz_atomic
 from physppl.inference.nuts import NUTSEngine
-from physppl.inference.outputs import atomic_write, protect_inputs
+from physppl.inference.outputs import atomic_write, protect_inputs, write_losses
 from physppl.inference.svi import SVIEngine
 from physppl.inference.weighted_mean import ScaledWeightedMean
 from physppl.models.components.scale import initialize_scale
@@ -32,7 +33,8 @@ from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitude
 
 __all__ = ["run", "fit", "FitResult", "to_merged_mtz", "OUTPUT_FILES"]
 
-OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "checkpoint.pt")
+OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "checkpoint.pt",
+                "losses.csv")
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class FitResult:
 
 
 def _draw_moments(draws: torch.Tensor) -> dict[str, np.ndarray]:
-    f = draws.reshape(-1, draws.shape[-1]).double()
+    f = draws.reshape(-1, draws.shape[-1]).double().cpu()
     i = f.square()
     return {"F_mean": f.mean(0).numpy(), "F_sd": f.std(0).numpy(), "I_mean": i.mean(0).numpy(), "I_sd": i.std(0).numpy()}
 
@@ -69,8 +71,14 @@ def fit(
     n_draws: int = 200,
     inference_data: bool = True,
     log_likelihood: bool = True,
+    device: torch.device | str = "cpu",
 ) -> FitResult:
-    """Merge ``data`` with a Pyro model factory + guide + engine, or with a conventional estimator (``.fit``)."""
+    """Merge ``data`` with a Pyro model factory + guide + engine, or with a conventional estimator (``.fit``).
+
+    The Pyro fit runs on ``device`` (model, guide and the observation tensors move there); results come back
+    to the CPU as NumPy arrays.
+    """
+    device = torch.device(device)
     t0 = time.perf_counter()
     if isinstance(estimator, ScaledWeightedMean):
         init = initial_estimates(data, estimator)
@@ -91,14 +99,17 @@ def fit(
     init = initial_estimates(data)
     model = estimator(**data.model_init())
     initialize_scale(model.scale, data.image, torch.as_tensor(init.attrs["obs_log_scale"]))
-    kwargs = data.model_kwargs()
+    model.to(device)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in data.model_kwargs().items()}
     info: dict = {}
     losses: list[float] = []
     if isinstance(engine, SVIEngine):
         guide = guide_factory(init_mean=init["F"].to_numpy(), init_sd=init["SIGF"].to_numpy())
+        if isinstance(guide, torch.nn.Module):
+            guide.to(device)
         result = engine.run(model, guide, n_data=data.n_obs, workdir=workdir, **kwargs)
         losses = result.losses
-        moments = {k: v.detach().double().numpy() for k, v in guide.moments().items()}
+        moments = {k: v.detach().double().cpu().numpy() for k, v in guide.moments().items()}
         draws = draw_from_guide(guide, kwargs, n_draws, ["F"])["F"]
         info.update(engine="svi", steps=result.steps, final_loss=result.final_loss, converged=result.converged,
                     stop_reason=result.stop_reason, train_time=result.wall_time, resumed_from=result.resumed_from)
@@ -112,14 +123,15 @@ def fit(
     else:
         raise TypeError(f"inference must be an SVIEngine or NUTSEngine, got {type(engine).__name__}")
     with torch.no_grad(), pyro.poutine.block():  # block: the scale's smoothness factor is not an observation here
-        obs_log_scale = model.scale(data.image, data.metadata, data.inv_d2).numpy()
+        obs_log_scale = model.scale(kwargs["image"], kwargs["metadata"], kwargs["inv_d2"]).cpu().numpy()
     idata = None
     if inference_data:
         coords, extra = _coords(data)
         idata = to_inference_data(model, kwargs, {"F": draws}, log_likelihood=log_likelihood,
                                   sample_stats=sample_stats, coords=coords, dim_coords=extra)
     info["wall_time"] = time.perf_counter() - t0
-    return FitResult(moments, draws, idata, losses, info, obs_log_scale)
+    info["device"] = str(device)
+    return FitResult(moments, draws.cpu(), idata, losses, info, obs_log_scale)
 
 
 def to_merged_mtz(table: pd.DataFrame, data: MergingData) -> rs.DataSet:
@@ -191,10 +203,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     engine = instantiate(cfg.inference) if needs_pyro else None
     reference = read_merged_mtz(source.reference, anomalous=data.anomalous) if source.reference else None
     n_draws = int(cfg.get("n_draws", 200))
+    device = resolve_device(cfg.get("device", "auto")) if needs_pyro else torch.device("cpu")
     log.info("data: %d observations of %d reflections on %d images (%s)", data.n_obs, data.n_refl, data.n_images,
              source.path or "simulated")
 
-    result = fit(data, estimator, guide_factory, engine, workdir=out, n_draws=n_draws,
+    result = fit(data, estimator, guide_factory, engine, workdir=out, n_draws=n_draws, device=device,
                  log_likelihood=bool(cfg.get("log_likelihood", True)))
     table = merged_table(data, result.moments)
     merged = to_merged_mtz(table, data)
@@ -206,6 +219,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
 
     metrics: dict = {"n_obs": data.n_obs, "n_refl": data.n_refl, "n_images": data.n_images, **result.info}
     if result.losses:
+        write_losses(out, result.losses)
         plots.plot_loss(result.losses, out / "loss.png")
     if result.obs_log_scale is not None:
         k = np.exp(result.obs_log_scale)
@@ -218,7 +232,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         pyro.clear_param_store()  # the half-dataset model has its own parameters of other shapes
         halves = data.split_halves(seed=int(cfg.get("seed", 0)))
         hres = fit(halves, estimator, guide_factory, _halves_engine(engine, out), workdir=out / "halves", n_draws=2,
-                   inference_data=False)
+                   inference_data=False, device=device)
         htable = merged_table(halves, hres.moments)
         cc, shells = half_dataset_cc(htable)
         metrics.update(cc)

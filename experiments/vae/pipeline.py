@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from physppl.inference.convert import draws_to_inference_data
 from physppl.inference.device import resolve_device
 from physppl.inference.iwae import ImportanceEstimate, importance_log_weights
-from physppl.inference.outputs import atomic_write, protect_inputs
+from physppl.inference.outputs import atomic_write, protect_inputs, write_losses
 from physppl.inference.svi import SVIEngine
 from physppl.models.vae import check_support
 
@@ -35,7 +35,7 @@ from .training import FitResult, amortization_gap, fit_vae
 __all__ = ["run", "build", "evaluate", "latent_posterior", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("posterior.nc", "metrics.json", "latents.csv", "checkpoint.pt", "best_params.pt", "heldout.json",
-                "loss.png", "reconstructions.png", "samples.png", "latent.png", "phase.png")
+                "loss.png", "losses.csv", "reconstructions.png", "samples.png", "latent.png", "phase.png")
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
         if figures:
             plots.plot_phase(analysis, labels_test, out / "phase.png")
 
+    write_losses(out, fit.losses)  # negative ELBO per sample, per step
     # -- figures -------------------------------------------------------------------------------------------------
     if not figures:
         metrics = _round(metrics)

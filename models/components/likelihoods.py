@@ -10,7 +10,7 @@ import math
 import pyro.distributions as dist
 import torch
 
-__all__ = ["NormalLikelihood", "StudentTLikelihood", "LaplaceLikelihood"]
+__all__ = ["NormalLikelihood", "StudentTLikelihood", "LaplaceLikelihood", "LIKELIHOODS", "likelihood_from_name"]
 
 
 class NormalLikelihood:
@@ -52,3 +52,16 @@ class LaplaceLikelihood:
 
     def __repr__(self) -> str:
         return "LaplaceLikelihood()"
+
+
+# Names accepted wherever a likelihood is configured by a plain string (``model.likelihood=student_t`` in a sweep).
+LIKELIHOODS = {"normal": NormalLikelihood, "student_t": StudentTLikelihood, "laplace": LaplaceLikelihood}
+
+
+def likelihood_from_name(name: str):
+    """The likelihood called ``name`` (one of :data:`LIKELIHOODS`), with its default parameters."""
+    try:
+        return LIKELIHOODS[str(name).strip().lower()]()
+    except KeyError:
+        raise ValueError(f"unknown likelihood {name!r}: expected one of {', '.join(LIKELIHOODS)} "
+                         "(or a config group option, model/likelihood=...)") from None
