@@ -181,7 +181,12 @@ def compare_runs(runs: list[RunRecord], ic: str = "loo") -> list[tuple[str, pd.D
         if "log_likelihood" not in idata.groups() or "observed_data" not in idata.groups():
             continue
         # PSIS in float32 turns a few heavy-tailed points into NaN (seen on merging's 34k observations): use float64
-        idata.log_likelihood = idata.log_likelihood.astype("float64")
+        ll = idata.log_likelihood.astype("float64")
+        names = list(ll.data_vars)
+        if len(names) > 1 and len({ll[n].dims for n in names}) == 1:
+            # several observed sites on the same points (diffuse + Bragg per voxel): LOO of the joint, per point
+            ll = ll.assign({"+".join(names): sum(ll[n] for n in names)})[["+".join(names)]]
+        idata.log_likelihood = ll
         key = (r.config.get("task"), tuple(sorted(idata.log_likelihood.data_vars)), _observed_signature(idata))
         groups.setdefault(key, {})[r.name] = idata
     results = []
@@ -190,7 +195,7 @@ def compare_runs(runs: list[RunRecord], ic: str = "loo") -> list[tuple[str, pd.D
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PSIS k warnings are reported in the table's columns instead
-            var_name = var_names[0] if len(var_names) == 1 else None
+            var_name = var_names[0]  # one site, or the joint built above; else the first site only
             criterion = az.loo if ic == "loo" else az.waic
             # each criterion once, pointwise; az.compare accepts the results, so nothing is computed twice
             estimates = {name: criterion(idata, var_name=var_name, pointwise=True) for name, idata in members.items()}

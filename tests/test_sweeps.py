@@ -212,3 +212,25 @@ def test_report_errors_are_specific(tmp_path):
     (tmp_path / "0" / "metrics.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"0/metrics.json is not valid JSON"):
         load_run(tmp_path / "0")
+
+
+def test_report_compares_runs_with_two_observed_sites_on_their_joint_log_likelihood(tmp_path):
+    """Diffuse + Bragg per voxel: LOO of the joint per point; the model nearer the data generator ranks first."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=50)
+    root = tmp_path / "multirun"
+    for job, (shift, name) in enumerate([(0.0, "good"), (1.5, "bad")]):
+        path = root / str(job)
+        _fake_run(path, [f"model={name}"], {"score": 1.0})
+        cfg = OmegaConf.load(path / ".hydra" / "config.yaml")
+        cfg.report_compare = True
+        OmegaConf.save(cfg, path / ".hydra" / "config.yaml")
+        mu = shift + rng.normal(scale=0.1, size=(1, 200, 1))
+        ll = -0.5 * (y - mu) ** 2 - 0.5 * np.log(2 * np.pi)
+        az.from_dict(posterior={"mu": mu[..., 0]}, log_likelihood={"y": ll, "y_bragg": ll},
+                     observed_data={"y": y, "y_bragg": y}, dims={"y": ["voxel"], "y_bragg": ["voxel"]}
+                     ).to_netcdf(str(path / "posterior.nc"))
+    write_report(root, plots=False)
+    compare = pd.read_csv(root / "report" / "compare.csv", dtype={"run": str})
+    assert list(compare.sort_values("rank")["run"]) == ["0", "1"]
+    assert (compare["group"] == "toy: y+y_bragg").all()

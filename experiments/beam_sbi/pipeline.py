@@ -136,6 +136,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     posterior.save(out / "posterior.pt")
     metrics: dict = {"n_obs": int(observed.x.shape[0]), "n_simulations": source.n_simulations,
                      "objective": plan.objective, "rounds": plan.rounds, "focus": plan.focus is not None,
+                     # where the amortized flow trained; the per-scan steps run on the CPU
+                     "device": str(getattr(plan.amortized, "device", None) or "cpu"),
                      **{k: v for k, v in train_info.items() if not k.endswith("losses")}}
     t_sample = time.perf_counter()
     posterior.sample(observed.x[0], 1000)

@@ -202,7 +202,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     shell_tables = {"likelihood (posterior mean)": shells}
     metrics: dict = {"n_frames": data.n_frames, "n_voxels": data.n_voxels, "n_states": len(data.label_names),
                      "bragg": data.y_bragg is not None, **data.info, **result.info, **quality,
-                     **analysis.effective_frames_summary(w)}
+                     **analysis.effective_frames_summary(w), "device": str(device)}
     metrics.pop("normalisation", None)
     metrics["state_mass_mean"] = dict(zip(data.label_names, states_tab["mean"].round(5)))
     metrics["state_mass_sd"] = dict(zip(data.label_names, states_tab["sd"].round(5)))
