@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from .convert import joint_log_likelihood
 from .outputs import LOSSES_FILE, atomic_write
 
 __all__ = ["RunRecord", "find_runs", "load_run", "report_table", "compare_runs", "write_report", "main"]
@@ -180,12 +181,7 @@ def compare_runs(runs: list[RunRecord], ic: str = "loo") -> list[tuple[str, pd.D
             continue
         if "log_likelihood" not in idata.groups() or "observed_data" not in idata.groups():
             continue
-        # PSIS in float32 turns a few heavy-tailed points into NaN (seen on merging's 34k observations): use float64
-        ll = idata.log_likelihood.astype("float64")
-        names = list(ll.data_vars)
-        if len(names) > 1 and len({ll[n].dims for n in names}) == 1:
-            # several observed sites on the same points (diffuse + Bragg per voxel): LOO of the joint, per point
-            ll = ll.assign({"+".join(names): sum(ll[n] for n in names)})[["+".join(names)]]
+        ll = joint_log_likelihood(idata)  # float64, observed sites on the same points summed
         idata.log_likelihood = ll
         key = (r.config.get("task"), tuple(sorted(idata.log_likelihood.data_vars)), _observed_signature(idata))
         groups.setdefault(key, {})[r.name] = idata

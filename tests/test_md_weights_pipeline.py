@@ -42,6 +42,12 @@ def test_default_run_writes_every_output(tmp_path):
     assert idata.posterior["w"].dims == ("chain", "draw", "frame")
     assert idata.posterior["state"].values.tolist() == ["A", "A", "B", "B", "C", "C"]
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "voxel")
+    # the sweep objective: PSIS-LOO of the joint (diffuse + Bragg) log-likelihood per voxel, as ArviZ computes it
+    joint = idata.log_likelihood["y"] + idata.log_likelihood["y_bragg"]
+    elpd = az.loo(az.InferenceData(posterior=idata.posterior, log_likelihood=joint.astype("float64").to_dataset(
+        name="y"))).elpd_loo
+    assert np.isfinite(saved["elpd_loo"]) and saved["elpd_loo"] == pytest.approx(elpd, abs=1e-5)
+    assert saved["elpd_loo"] < float(joint.mean("draw").sum())  # LOO costs fit against the in-sample mean
     fit = rs.read_mtz(str(tmp_path / "diffuse_fit.mtz"))
     assert {"IOBS", "SIGIOBS", "IPRED", "SIGIPRED", "XPRED", "XCCFIT"} <= set(fit.columns)
     assert len(fit) == metrics["n_voxels"] and fit.spacegroup.xhm().replace(" ", "") == "P212121"

@@ -22,7 +22,7 @@ from pyro.infer import Predictive
 
 from physppl.experiments.merging.plots import plot_loss
 from physppl.guides.md_weights import map_initial_values
-from physppl.inference.convert import draws_to_inference_data, summarize
+from physppl.inference.convert import draws_to_inference_data, loo_summary, summarize
 from physppl.inference.device import resolve_device
 from physppl.inference.io.frames import read_weights, write_intensity_mtz
 from physppl.inference.nuts import NUTSEngine
@@ -241,6 +241,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> dict:
     atomic_write(out / "posterior.nc", lambda p: idata.to_netcdf(str(p), engine="h5netcdf"), protect=protect)
     summary = summarize(idata, var_names=[k for k in LATENTS if k in idata.posterior])
     atomic_write(out / "summary.csv", lambda p: summary.to_csv(p))
+    metrics.update(loo_summary(idata))  # held-out fit per voxel: the objective for tuning by a sweeper
     if result.info["engine"] == "nuts":
         ws = summary.loc[summary.index.str.startswith("w[")]
         metrics.update({"max_rhat_w": float(ws["r_hat"].max()), "min_ess_bulk_w": float(ws["ess_bulk"].min())})
