@@ -65,7 +65,8 @@ def find_runs(root: str | Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"physppl-report: {root} is not a directory (give a Hydra multirun directory)")
     found = {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
-    found |= {p.parent for p in root.rglob("metrics.json") if (p.parent / ".hydra").is_dir() or p.parent == root}
+    if (root / "metrics.json").is_file():  # a single run given directly
+        found.add(root)
     runs = sorted((p for p in found if "report" not in p.relative_to(root).parts), key=_natural_key)
     if not runs:
         raise FileNotFoundError(f"physppl-report: no runs under {root}: expected job folders with .hydra/config.yaml "
@@ -124,7 +125,7 @@ def load_run(path: str | Path, root: str | Path | None = None) -> RunRecord:
 
 
 def _objective(run: RunRecord) -> tuple[str | None, str | None]:
-    return run.config.get("objective") or run.metrics.get("objective_name"), run.config.get("objective_direction")
+    return run.config.get("objective"), run.config.get("objective_direction")
 
 
 def report_table(runs: list[RunRecord]) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -324,7 +325,7 @@ def write_report(root: str | Path, out: str | Path | None = None, ic: str = "loo
         fig, ax = plt.subplots(figsize=(6, 4))
         _plot_losses(ax, runs, table, varying)
         _save(fig, out / "losses.png")
-    for i, (title, comp) in enumerate(comparisons[:1]):
+    for title, comp in comparisons[:1]:
         fig, ax = plt.subplots(figsize=(6, 0.8 + 0.4 * len(comp)))
         _plot_compare(ax, comp, title, labels)
         _save(fig, out / "compare.png")

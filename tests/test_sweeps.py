@@ -234,3 +234,14 @@ def test_report_compares_runs_with_two_observed_sites_on_their_joint_log_likelih
     compare = pd.read_csv(root / "report" / "compare.csv", dtype={"run": str})
     assert list(compare.sort_values("rank")["run"]) == ["0", "1"]
     assert (compare["group"] == "toy: y+y_bragg").all()
+
+
+def test_optuna_direction_that_contradicts_the_experiment_is_warned_about(tmp_path):
+    sweep = tmp_path / "optuna_min"
+    _physppl("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", *TINY, "data.half_datasets=false",
+             "objective=cc_truth", f"hydra.sweep.dir={sweep}")  # optuna minimises by default; merging maximises
+    log_text = (sweep / "0" / "app.log").read_text()
+    assert "the sweeper will minimize cc_truth, but this experiment's objective_direction is maximize" in log_text
+    proc = _physppl("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", *TINY, "objective=null",
+                    f"hydra.sweep.dir={tmp_path / 'none'}", check=False)
+    assert proc.returncode != 0 and "an optimising sweeper needs a metric to optimise" in proc.stderr
