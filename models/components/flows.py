@@ -159,8 +159,10 @@ class ConditionalBoxFlow(nn.Module):
 
     # -- the distribution ------------------------------------------------------------------------------
     def _output_transforms(self) -> list:
-        return [T.AffineTransform(self.theta_norm.loc, self.theta_norm.scale), T.SigmoidTransform(),
-                T.AffineTransform(self.low, self.high - self.low)]
+        # cache_size=1: log q of a draw (Pyro's ELBO in amortized VI) reuses the forward pass instead of inverting
+        # a sigmoid that float32 saturates at a face of the box, where the inverse is infinite and SVI diverges
+        return [T.AffineTransform(self.theta_norm.loc, self.theta_norm.scale, cache_size=1),
+                T.SigmoidTransform(cache_size=1), T.AffineTransform(self.low, self.high - self.low, cache_size=1)]
 
     def _conditioned(self, ctx: torch.Tensor) -> list:
         if self.fast == "sampling":
