@@ -210,8 +210,19 @@ def compare_runs(runs: list[RunRecord], ic: str = "loo") -> list[tuple[str, pd.D
 
 # -- plots ---------------------------------------------------------------------------------------------------
 
+def _short_value(value) -> str:
+    """An override's value for a plot label: optuna's floats (0.0012520653814999472) to 4 significant digits."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return f"{number:.4g}" if len(text) > 8 else text
+
+
 def _label(row: pd.Series, varying: list[str], short: bool = False) -> str:
-    parts = [str(row[k]) if short else f"{k.split('.')[-1]}={row[k]}" for k in varying if row.get(k) is not None]
+    parts = [_short_value(row[k]) if short else f"{k.split('.')[-1]}={_short_value(row[k])}"
+             for k in varying if row.get(k) is not None]
     return f"{row['run']}: " + ", ".join(parts) if parts else str(row["run"])
 
 
@@ -222,9 +233,11 @@ def _plot_metrics(ax_list, table: pd.DataFrame, columns: list[str], varying: lis
         values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)
         ok = np.isfinite(values)
         ax.plot(values[ok], y[ok], "o", color="C0")
+        missing_at = float(values[ok].mean()) if ok.any() else 0.0  # where "n/a" is written
         for yi, v in zip(y, values):
-            ax.annotate(f"{v:.4g}" if np.isfinite(v) else "n/a", (v if np.isfinite(v) else np.nanmean(values[ok])
-                        if ok.any() else 0.0, yi), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+            finite = bool(np.isfinite(v))
+            ax.annotate(f"{v:.4g}" if finite else "n/a", (v if finite else missing_at, yi), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8)
         ax.set_yticks(y, labels if ax is ax_list[0] else [""] * len(y), fontsize=8)
         ax.set_ylim(len(y) - 0.5, -0.5)
         ax.grid(axis="x", alpha=0.3)
