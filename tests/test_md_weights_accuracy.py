@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyro
 import pytest
-import torch
 from pyro.infer import Trace_ELBO
 
 from physppl.experiments.md_weights import analysis

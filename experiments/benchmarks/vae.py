@@ -189,18 +189,10 @@ def main() -> None:
             "iwae_minus_torch_sem", "cpu_ms", "overhead_cpu_ms", "cpu_ratio_to_torch", "wall_ms", "wall_ratio_to_torch",
             "samples_per_s"]
     shown = table[cols]
-    print(shown.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else shown.to_string(index=False))
+    print(shown.to_markdown(index=False, floatfmt=".3f"))
     print(f"\ntorch {torch.__version__}, pyro {pyro.__version__}; held-out ELBO = mean log-weight over "
           f"{args.iwae_particles} draws; IWAE k={args.iwae_particles}; cpu_ms / wall_ms = median CPU / wall time "
           "per training step; ratios to plain torch measured in the same run")
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":
