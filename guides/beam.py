@@ -1,7 +1,7 @@
 """Conditional normalizing-flow guides for the knife-edge beam model: ``q(theta | x)`` amortized over scans.
 
 The guide has the model's signature and site names (``mu_x, mu_y, sig_x, sig_y, rho, flux, div``): it samples
-the stacked parameters from a :class:`~physppl.models.components.flows.ConditionalBoxFlow` (an auxiliary site
+the stacked parameters from a :class:`~physppl.inference.flows.ConditionalBoxFlow` (an auxiliary site
 ``theta``) and hands each to the model's site as a point mass, so Pyro's ELBO against the model's likelihood
 trains it (amortized VI), while neural posterior estimation trains the same flow by maximum likelihood on
 simulated pairs (:mod:`physppl.inference.npe`).
@@ -13,10 +13,11 @@ from typing import Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.nn import PyroModule
 from torch import nn
 
 from physppl.models.beam import DEFAULT_BOUNDS, PARAM_NAMES
-from physppl.models.components.flows import ConditionalBoxFlow
+from physppl.inference.flows import ConditionalBoxFlow
 
 __all__ = ["KnifeEdgeSummaries", "KnifeEdgeFlowGuide", "knife_edge_flow"]
 
@@ -100,7 +101,7 @@ def knife_edge_flow(
                               count_bins=count_bins, bound=bound, fast=fast)
 
 
-class KnifeEdgeFlowGuide(nn.Module):
+class KnifeEdgeFlowGuide(PyroModule):
     """Amortized guide ``q(theta | x)`` for :class:`~physppl.models.beam.KnifeEdgeBeamModel`.
 
     Sample sites (plate ``"obs"`` at dim -1, ``n`` scans or the minibatch given by ``subsample``)
@@ -113,8 +114,8 @@ class KnifeEdgeFlowGuide(nn.Module):
     Parameters
     ----------
     flow : ConditionalBoxFlow
-        The conditional density estimator (its box should be the model's prior box). Its parameters are
-        registered in Pyro's parameter store as ``beam_flow`` (like the encoder of Pyro's VAE example).
+        The conditional density estimator (its box should be the model's prior box). Its parameters are the
+        guide's (a child module).
     """
 
     def __init__(self, flow: ConditionalBoxFlow, param_names: Sequence[str] = PARAM_NAMES):
@@ -127,7 +128,6 @@ class KnifeEdgeFlowGuide(nn.Module):
     def forward(self, x: torch.Tensor | None = None, n: int | None = None, subsample: torch.Tensor | None = None):
         if x is None:
             raise ValueError("KnifeEdgeFlowGuide needs the observed scans x: it is conditioned on them")
-        pyro.module("beam_flow", self.flow)
         with pyro.plate("obs", x.shape[0], dim=-1, subsample=subsample) as idx:
             q = self.flow.distribution(x.index_select(0, idx.to(x.device)))
             theta = pyro.sample("theta", q, infer={"is_auxiliary": True})

@@ -60,8 +60,8 @@ def map_initial_values(model, steps: int = 300, lr: float = 0.05, **model_kwargs
     init = initial_globals(model)
     fixed = {k: init[k] for k in ("noise", "bragg_noise") if k in init}
     init["w"] = model.concentration / model.concentration.sum()
-    values = map_estimate(model, steps=steps, lr=lr, fixed=fixed,
-                          init={k: v for k, v in init.items() if k not in fixed}, **model_kwargs)
+    values = map_estimate(model, model_kwargs, steps=steps, lr=lr, fixed=fixed,
+                          init={k: v for k, v in init.items() if k not in fixed})
     values.update(fixed)
     if model.noise == "shell" or model.bragg:
         noise = _residual_noise(model, values, **model_kwargs)

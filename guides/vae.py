@@ -13,7 +13,7 @@ from pyro.nn import ConditionalAutoRegressiveNN, PyroModule, PyroParam
 from torch import nn
 from torch.nn import functional as F
 
-from physppl.models.vae import _check_sizes, activation, conv_grid, mlp, synced_module
+from physppl.models.vae import _check_sizes, activation, conv_grid, mlp
 
 __all__ = ["VAEGuide", "MLPEncoder", "ConvEncoder", "MeanFieldLatentGuide"]
 
@@ -94,8 +94,6 @@ class VAEGuide(PyroModule):
     flow_layers : int
     flow_hidden : sequence of int
         Hidden widths of each layer's autoregressive network (default ``[4 * latent_dim]``).
-    name : str
-        Prefix of the Pyro parameter names (as for the model).
     """
 
     def __init__(
@@ -111,9 +109,8 @@ class VAEGuide(PyroModule):
         flow_layers: int = 2,
         flow_hidden: Sequence[int] | None = None,
         min_scale: float = 1e-4,
-        name: str = "",
     ):
-        super().__init__(name)
+        super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         self.latent_dim = int(latent_dim)
         if encoder == "mlp":
@@ -145,11 +142,11 @@ class VAEGuide(PyroModule):
 
     def distribution(self, x: torch.Tensor) -> dist.Distribution:
         """``q(z | x)`` for a batch ``x`` (n, *event_shape), batch shape (n,), event shape (latent_dim,)."""
-        loc, scale, h = synced_module(self, "encoder")(x)
+        loc, scale, h = self.encoder(x)
         base = dist.Normal(loc, scale).to_event(1)
         if not self.flow:
             return base
-        return dist.TransformedDistribution(base, [t.condition(h) for t in synced_module(self, "flows")])
+        return dist.TransformedDistribution(base, [t.condition(h) for t in self.flows])
 
     def forward(self, x: torch.Tensor | None = None, subsample: torch.Tensor | None = None,
                 n: int | None = None) -> torch.Tensor:
@@ -166,7 +163,7 @@ class VAEGuide(PyroModule):
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size]
             if not self.flow:
-                out.append(synced_module(self, "encoder")(xb)[0])
+                out.append(self.encoder(xb)[0])
             else:
                 out.append(self.distribution(xb).sample((n_samples,)).mean(0))
         return torch.cat(out)
@@ -187,12 +184,10 @@ class MeanFieldLatentGuide(PyroModule):
     ----------
     init_loc, init_scale : Tensor, shape (n_data, latent_dim)
         Starting point, e.g. the encoder's output for the same configurations.
-    name : str
-        Prefix of its Pyro parameter names (keeps them apart from another guide's ``loc``/``scale``).
     """
 
-    def __init__(self, init_loc: torch.Tensor, init_scale: torch.Tensor, name: str = ""):
-        super().__init__(name)
+    def __init__(self, init_loc: torch.Tensor, init_scale: torch.Tensor):
+        super().__init__()
         init_loc = torch.as_tensor(init_loc, dtype=torch.get_default_dtype())
         init_scale = torch.as_tensor(init_scale, dtype=init_loc.dtype, device=init_loc.device)
         if init_loc.dim() != 2 or init_loc.shape != init_scale.shape:

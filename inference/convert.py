@@ -1,37 +1,72 @@
-"""One converter from Pyro draws (NUTS or a guide) to ArviZ InferenceData with named dims.
+"""One draw-and-convert path from Pyro to ArviZ InferenceData, for every engine and every problem.
 
-Dims come from the model's plates (``pyro.plate("refl", ...)`` -> dim ``"refl"``), so ``az.summary``,
-``az.plot_posterior`` and ``az.loo`` work the same on every engine's output.
+* :func:`guide_draws`: joint draws of a guide's sites in one vectorised call.
+* :func:`pointwise_log_likelihood`: ``log p(y_i | draw)`` of every observed point, a chunk of draws per
+  vectorised model call.
+* :func:`to_inference_data`: a :class:`~physppl.inference.fit.Fit` as InferenceData whose dims are the model's
+  plate names (``pyro.plate("refl", ...)`` -> dim ``"refl"``), with ``observed_data`` and ``log_likelihood``, and
+  every value in the units of the user's input: a problem that works in normalised units says how to undo that
+  (:class:`Rescale` per site), and the converter does it here, once, and records it in the groups' attrs.
+* :func:`summarize`: ``az.summary`` with each row's coordinates (Miller index, frame, ...) as columns.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.infer import Predictive
+from pyro.poutine.util import site_is_factor, site_is_subsample
 
-__all__ = ["site_dims", "draw_from_guide", "to_inference_data", "draws_to_inference_data", "summarize",
-           "joint_log_likelihood", "loo_summary"]
+from .fit import Fit, latent_sites, observed_sites
+
+__all__ = ["Rescale", "site_dims", "guide_draws", "pointwise_log_likelihood", "to_inference_data",
+           "draws_to_inference_data", "summarize", "joint_log_likelihood", "loo_summary", "UNITS_ATTR"]
+
+log = logging.getLogger(__name__)
+
+UNITS_ATTR = "physppl_rescaled"  # group attribute: JSON {site: {"scale": a, "shift": b}}, user = shift + scale * internal
+# pointwise log-likelihood values computed per vectorised model call (draws x observations)
+CHUNK_VALUES = 4_000_000
 
 
-def _trace(model: Callable, model_kwargs: dict):
+@dataclass(frozen=True)
+class Rescale:
+    """``value in the user's units = shift + scale * value in the model's units``."""
+
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return self.shift + self.scale * np.asarray(x)
+
+
+def _trace(model: Callable, data: dict):
     with torch.no_grad():
-        return poutine.trace(model).get_trace(**model_kwargs)
+        return poutine.trace(model).get_trace(**data)
+
+
+def _event_dim(site) -> int:
+    return int(getattr(site["fn"], "event_dim", 0))
 
 
 def site_dims(trace) -> dict[str, list[str]]:
     """Dim names of every sample site: plate names for batch dims, ``<site>_dim_k`` otherwise."""
     dims: dict[str, list[str]] = {}
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
-            continue  # plates record their subsample indices as sample sites
+        if site["type"] != "sample" or site_is_subsample(site) or site_is_factor(site):
+            continue
         value = site["value"]
-        event_dim = site["fn"].event_dim if hasattr(site["fn"], "event_dim") else 0
+        event_dim = _event_dim(site)
         batch_ndim = value.dim() - event_dim
         by_dim = {f.dim: f.name for f in site["cond_indep_stack"] if f.vectorized}
         names = [by_dim.get(d, f"{name}_dim_{k}") for k, d in enumerate(range(-batch_ndim, 0))]
@@ -40,66 +75,143 @@ def site_dims(trace) -> dict[str, list[str]]:
     return dims
 
 
-def draw_from_guide(guide: Callable, model_kwargs: dict, num_draws: int, sites: list[str]) -> dict[str, torch.Tensor]:
-    """``num_draws`` joint draws of ``sites`` from the guide, shaped (1, num_draws, *site_shape)."""
+def _max_plate_nesting(trace) -> int:
+    dims = [-f.dim for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"]
+            if f.vectorized and f.dim is not None]
+    return max(dims, default=0)
+
+
+@torch.no_grad()
+def guide_draws(guide: Callable, data: dict, n: int, sites: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``n`` joint draws of ``sites`` (default: all of the guide's sample sites) in one vectorised call, each shaped
+    (1, n, *site_shape) on the CPU. A guide that cannot run under an extra plate of draws is drawn from one draw at
+    a time (logged)."""
+    tr = _trace(guide, data)
+    shapes = {k: tuple(s["value"].shape) for k, s in tr.nodes.items()
+              if s["type"] == "sample" and not site_is_subsample(s)}
+    sites = list(sites) if sites else [k for k in shapes if not tr.nodes[k]["infer"].get("is_auxiliary")]
+    missing = [s for s in sites if s not in shapes]
+    if missing:
+        raise ValueError(f"the guide {type(guide).__name__} has no sample site(s) {missing}; its sites: {sorted(shapes)}")
+    try:
+        samples = Predictive(guide, num_samples=n, parallel=True, return_sites=sites)(**data)
+        return {k: samples[k].reshape((1, n) + shapes[k]).detach().cpu() for k in sites}
+    except (RuntimeError, ValueError) as err:  # shapes that do not broadcast against a plate of draws
+        log.info("guide %s does not vectorise over draws (%s); drawing one at a time", type(guide).__name__, err)
     out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    with torch.no_grad():
-        for _ in range(num_draws):
-            tr = poutine.trace(guide).get_trace(**model_kwargs)
-            for s in sites:
-                out[s].append(tr.nodes[s]["value"].detach())
+    for _ in range(n):
+        t = poutine.trace(guide).get_trace(**data)
+        for s in sites:
+            out[s].append(t.nodes[s]["value"].detach().cpu())
     return {s: torch.stack(v)[None] for s, v in out.items()}
 
 
-def _pointwise_log_lik(model: Callable, model_kwargs: dict, draws: dict[str, torch.Tensor], observed: list[str]):
+def _device(data: dict) -> torch.device:
+    for v in data.values():
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def pointwise_log_likelihood(model: Callable, data: dict, draws: dict[str, torch.Tensor],
+                             observed: list[str] | None = None, chunk_values: int = CHUNK_VALUES) -> dict[str, np.ndarray]:
+    """``log p(y_i | draw)`` for every observed site and point: arrays (chains, draws, *site_batch_shape).
+
+    The model is conditioned on a chunk of draws at a time inside a plate of draws left of its own plates, so
+    one model call scores many draws; the chunk holds at most ``chunk_values`` values.
+    """
+    tr = _trace(model, data)
+    observed = observed or observed_sites(model, data, tr)
+    if not observed:
+        return {}
+    nesting = _max_plate_nesting(tr)
     chains, n = next(iter(draws.values())).shape[:2]
-    result = {o: [] for o in observed}
-    with torch.no_grad():
-        for c in range(chains):
-            rows = {o: [] for o in observed}
-            for d in range(n):
-                cond = poutine.condition(model, data={k: v[c, d] for k, v in draws.items()})
-                tr = poutine.trace(cond).get_trace(**model_kwargs)
-                for o in observed:
-                    rows[o].append(tr.nodes[o]["fn"].log_prob(tr.nodes[o]["value"]))
-            for o in observed:
-                result[o].append(torch.stack(rows[o]))
-    return {o: torch.stack(v).cpu().numpy() for o, v in result.items()}
+    batch_ndim = {k: tr.nodes[k]["value"].dim() - _event_dim(tr.nodes[k]) for k in draws}
+    per_draw = sum(tr.nodes[o]["fn"].log_prob(tr.nodes[o]["value"]).numel() for o in observed)
+    chunk = max(1, int(chunk_values // max(per_draw, 1)))
+    device = _device(data)
+    flat = {k: v.reshape((chains * n,) + tuple(v.shape[2:])) for k, v in draws.items()}
+    out: dict[str, list[np.ndarray]] = {o: [] for o in observed}
+    for start in range(0, chains * n, chunk):
+        part = {k: v[start:start + chunk].to(device) for k, v in flat.items()}
+        m = next(iter(part.values())).shape[0]
+        cond = {k: v.reshape((m,) + (1,) * (nesting - batch_ndim[k]) + tuple(v.shape[1:])) for k, v in part.items()}
+        with pyro.plate("_draws", m, dim=-(nesting + 1)):
+            t = poutine.trace(poutine.condition(model, data=cond)).get_trace(**data)
+        for o in observed:
+            site = t.nodes[o]
+            lp = site["fn"].log_prob(site["value"])
+            shape = tuple(tr.nodes[o]["fn"].log_prob(tr.nodes[o]["value"]).shape)
+            full = (m,) + (1,) * max(0, nesting - len(shape)) + shape  # the site's shape under the plate of draws
+            out[o].append(torch.broadcast_to(lp, full).reshape((m,) + shape).double().cpu().numpy())
+    return {o: np.concatenate(v).reshape((chains, n) + v[0].shape[1:]) for o, v in out.items()}
+
+
+def _units_attr(rescale: dict[str, Rescale], sites) -> str:
+    return json.dumps({k: {"scale": float(r.scale), "shift": float(r.shift)} for k, r in rescale.items() if k in sites})
 
 
 def to_inference_data(
-    model: Callable,
-    model_kwargs: dict,
-    draws: dict[str, torch.Tensor],
+    fit: Fit,
     log_likelihood: bool = True,
-    sample_stats: dict[str, np.ndarray] | None = None,
+    rescale: dict[str, Rescale] | None = None,
     coords: dict[str, np.ndarray] | None = None,
     dim_coords: dict[str, dict[str, np.ndarray]] | None = None,
+    dims: dict[str, list[str]] | None = None,
+    max_log_likelihood_values: int | None = 50_000_000,
+    attrs: dict | None = None,
 ) -> az.InferenceData:
-    """Build InferenceData from draws shaped (chains, draws, *site_shape).
+    """The fit as InferenceData in the user's units.
 
     Parameters
     ----------
-    model, model_kwargs
-        The model and its full-data keyword arguments (no subsampling): traced once for dims and observed
-        values, and once per draw for pointwise log-likelihoods.
-    draws : dict
-        Latent site -> Tensor (chains, draws, *shape), from NUTS or :func:`draw_from_guide`.
-    sample_stats : dict, optional
-        e.g. ``{"diverging": (chains, draws) bool}`` from NUTS.
+    fit : Fit
+        Draws (chains, draws, *shape); its model and full data are traced for dims and observed values, and
+        scored per draw for the pointwise log-likelihood (skipped, and logged, beyond
+        ``max_log_likelihood_values`` values).
+    rescale : dict, optional
+        Site -> :class:`Rescale` from the model's units to the user's, for latent and observed sites; the
+        log-likelihood of a rescaled observed site gets its Jacobian (``- log|scale|`` per value). Recorded in
+        each group's ``attrs["physppl_rescaled"]``.
     coords, dim_coords : dict, optional
-        Index values per dim, and extra (non-index) coordinates per dim, e.g. ``{"refl": {"H": h, ...}}``.
+        Index values per dim, and extra coordinates per dim, e.g. ``{"refl": {"H": h, ...}}``.
+    dims : dict, optional
+        Dim names by site, overriding those from the plates.
     """
-    kwargs = {k: v for k, v in model_kwargs.items() if k != "subsample"}
-    tr = _trace(model, kwargs)
-    dims = site_dims(tr)
-    # observed data sites; pyro.factor sites (Unit distributions) are priors/penalties, not data
-    observed = [n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]
-                and not isinstance(s["fn"], pyro.distributions.Unit)]
-    obs_data = {o: tr.nodes[o]["value"].detach().cpu().numpy() for o in observed}
-    loglik = _pointwise_log_lik(model, kwargs, draws, observed) if (log_likelihood and observed) else None
-    dims = {k: v for k, v in dims.items() if k in draws or k in obs_data}
-    return draws_to_inference_data(draws, dims, obs_data or None, loglik, sample_stats, coords, dim_coords)
+    rescale = dict(rescale or {})
+    data = {k: v for k, v in fit.data.items() if k != "subsample"}
+    draws = {k: v.detach().cpu().double().numpy() for k, v in fit.draws.items()}
+    obs_data, loglik, site_dim_names = None, None, {}
+    if fit.model is not None:
+        tr = _trace(fit.model, data)
+        site_dim_names = site_dims(tr)
+        observed = observed_sites(fit.model, data, tr)
+        obs_data = {o: tr.nodes[o]["value"].detach().double().cpu().numpy() for o in observed} or None
+        n_values = fit.n_chains * fit.n_draws * sum(v.size for v in (obs_data or {}).values())
+        if log_likelihood and observed:
+            if max_log_likelihood_values is None or n_values <= max_log_likelihood_values:
+                loglik = pointwise_log_likelihood(fit.model, data, fit.draws, observed)
+                for o in observed:
+                    if o in rescale:
+                        per_point = obs_data[o][0].size if _event_dim(tr.nodes[o]) else 1
+                        loglik[o] = loglik[o] - per_point * math.log(abs(rescale[o].scale))
+            else:
+                log.info("posterior.nc without the pointwise log-likelihood: %d values (draws x observations) exceed "
+                         "%d", n_values, max_log_likelihood_values)
+    for k, r in rescale.items():
+        if k in draws:
+            draws[k] = r.apply(draws[k])
+        if obs_data and k in obs_data:
+            obs_data[k] = r.apply(obs_data[k])
+    all_dims = {**site_dim_names, **(dims or {})}
+    all_dims = {k: v for k, v in all_dims.items() if k in draws or (obs_data and k in obs_data)}
+    idata = draws_to_inference_data(draws, all_dims, obs_data, loglik, fit.sample_stats, coords, dim_coords)
+    note = _units_attr(rescale, set(draws) | set(obs_data or {}))
+    for group in idata.groups():
+        idata[group].attrs[UNITS_ATTR] = note
+        idata[group].attrs.update(attrs or {})
+    return idata
 
 
 def draws_to_inference_data(
@@ -113,33 +225,55 @@ def draws_to_inference_data(
 ) -> az.InferenceData:
     """InferenceData from draws (chains, draws, *shape) with named dims; also for estimators without a model."""
     posterior = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in draws.items()}
-    idata = az.from_dict(posterior=posterior, observed_data=observed_data, log_likelihood=log_likelihood,
-                         sample_stats=sample_stats, coords=coords, dims=dims)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # arviz warns about one-chain shapes for guide draws
+        idata = az.from_dict(posterior=posterior, observed_data=observed_data, log_likelihood=log_likelihood,
+                             sample_stats=sample_stats, coords=coords, dims=dims)
     for dim, extra in (dim_coords or {}).items():
-        for group in idata.groups():
-            ds = idata[group]
-            if dim in ds.dims:
-                idata[group] = ds.assign_coords({k: (dim, np.asarray(v)) for k, v in extra.items()})
+        groups = [g for g in idata.groups() if dim in idata[g].dims]
+        if groups:
+            idata.assign_coords({k: (dim, np.asarray(v)) for k, v in extra.items()}, groups=groups, inplace=True)
     return idata
 
 
-def summarize(idata: az.InferenceData, var_names: list[str] | None = None, max_vars: int | None = None):
-    """``az.summary`` (mean, sd, HDI, ESS, R-hat) as a DataFrame; ``max_vars`` caps very wide posteriors."""
-    if max_vars is not None:
-        post = idata.posterior
-        sel = {d: slice(0, max_vars) for d in post.dims if d not in ("chain", "draw")}
-        idata = az.InferenceData(posterior=post.isel(sel))
-    # Draws from a guide come as one chain: R-hat is then undefined (NaN) and ArviZ logs a shape warning per call.
-    quiet = idata.posterior.sizes.get("chain", 1) == 1
+def _quiet_arviz():
     # arviz 0.23 logs through its own Logger("arviz") instance, not the registry's logging.getLogger("arviz")
-    logger = getattr(az, "_log", None) or logging.getLogger("arviz")
+    return getattr(az, "_log", None) or logging.getLogger("arviz")
+
+
+def summarize(idata: az.InferenceData, var_names: list[str] | None = None, max_vars: int | None = None) -> pd.DataFrame:
+    """``az.summary`` (mean, sd, 90% HDI, ESS, R-hat) with each row's coordinates as columns.
+
+    Rows are labelled by ArviZ from the dims' index values (``F[0 0 8]`` for a reflection indexed by its Miller
+    index); the non-index coordinates of the row's dims (H, K, L, dHKL, state, ...) follow as columns.
+    ``max_vars`` caps very wide posteriors (the first ``max_vars`` entries of each dim).
+    """
+    post = idata.posterior if var_names is None else idata.posterior[list(var_names)]
+    if max_vars is not None:
+        post = post.isel({d: slice(0, max_vars) for d in post.dims if d not in ("chain", "draw")})
+    # Draws from a guide come as one chain: R-hat is then undefined (NaN) and ArviZ logs a shape warning per call.
+    logger = _quiet_arviz()
     level = logger.level
-    if quiet:
+    if post.sizes.get("chain", 1) == 1:
         logger.setLevel(logging.ERROR)
     try:
-        return az.summary(idata, var_names=var_names, hdi_prob=0.9)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            table = az.summary(az.InferenceData(posterior=post), hdi_prob=0.9)
     finally:
         logger.setLevel(level)
+    frames = []
+    for name in post.data_vars:
+        var = post[name].isel(chain=0, draw=0, drop=True)
+        if var.ndim == 0:
+            frames.append(pd.DataFrame(index=[0]))
+            continue
+        frame = var.to_dataframe(name="_v")  # non-index coordinates come along as columns
+        frames.append(frame.reset_index().drop(columns=["_v"], errors="ignore"))
+    coords = pd.concat(frames, ignore_index=True)
+    coords = coords.loc[:, [c for c in coords.columns if c not in ("chain", "draw")]]
+    coords.index = table.index
+    return pd.concat([table, coords], axis=1)
 
 
 def joint_log_likelihood(idata: az.InferenceData):
@@ -159,8 +293,6 @@ def joint_log_likelihood(idata: az.InferenceData):
 
 def loo_summary(idata: az.InferenceData) -> dict:
     """PSIS-LOO of the (joint) pointwise log-likelihood: a held-out figure for sweeps, with its Pareto-k check."""
-    import warnings
-
     if "log_likelihood" not in idata.groups():
         return {}
     ll = joint_log_likelihood(idata)

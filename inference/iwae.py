@@ -22,7 +22,7 @@ from typing import Callable
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 
 __all__ = ["ImportanceEstimate", "importance_log_weights", "importance_estimate"]
 
@@ -87,7 +87,7 @@ def _inspect(model: Callable, guide: Callable, model_kwargs: dict, data_plate: s
     data_dim, deepest, per_point = None, -1, 0
     for t in (tr, mt):
         for site in t.nodes.values():
-            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+            if site["type"] != "sample" or site_is_subsample(site):
                 continue
             per_point += site["value"].numel() + site["fn"].batch_shape.numel()
             for f in site["cond_indep_stack"]:
@@ -146,7 +146,7 @@ def importance_log_weights(
             logw = torch.zeros(k, idx.numel(), dtype=torch.float64, device=_device(gt, mt))
             for sign, tr in ((1.0, mt), (-1.0, gt)):
                 for name, site in tr.nodes.items():
-                    if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                    if site["type"] != "sample" or site_is_subsample(site):
                         continue
                     # model pass: prior of latents + likelihood of observations; guide pass: log q of latents
                     lp = _site_log_prob(site, name, data_dim, particle_dim, data_plate)

@@ -2,7 +2,7 @@
 
 Knows nothing of the physics. A *flow* is any ``nn.Module`` with ``log_prob(theta, x)``, ``sample(x, n)``,
 ``rsample_and_log_prob(x, n)``, ``fit_standardization(theta, x)`` and ``set_box(low, high)`` (e.g.
-:class:`~physppl.models.components.flows.ConditionalBoxFlow`); a *simulator* maps parameters (n, D) to data
+:class:`~physppl.inference.flows.ConditionalBoxFlow`); a *simulator* maps parameters (n, D) to data
 (n, ...); the prior is a uniform box.
 
 * :class:`NPETrainer`: maximum likelihood ``-log q(theta | x)`` on simulated pairs (Papamakarios & Murray 2016),
@@ -290,7 +290,7 @@ class VariationalFocus:
     """Fit one observation's posterior ``p(theta | x_obs)`` on a box by variational inference with a flow.
 
     Maximises ``E_q[log p(x_obs | theta) + log p(theta) - log q(theta)]`` (the prior is uniform on the box) with
-    a :class:`~physppl.models.components.flows.BoxFlow` started at a Gaussian fitted to draws of an amortized
+    a :class:`~physppl.inference.flows.BoxFlow` started at a Gaussian fitted to draws of an amortized
     posterior (inflated, so the fit starts wide and contracts). Needs a tractable likelihood; much more
     accurate for one observation than an amortized estimate at any simulation budget.
 
@@ -303,7 +303,7 @@ class VariationalFocus:
     inflate : float
         Factor on the initial Gaussian's scale.
     n_transforms, hidden_dims, count_bins, bound
-        The flow (see :class:`~physppl.models.components.flows.BoxFlow`).
+        The flow (see :class:`~physppl.inference.flows.BoxFlow`).
     n_check : int
         Draws for the importance-sampling diagnostics (Pareto k, ESS) after the fit.
     """
@@ -323,7 +323,7 @@ class VariationalFocus:
             init_draws: torch.Tensor, desc: str = "focus"):
         """``log_likelihood(theta)`` for theta (n, D) -> (n,); ``init_draws`` (m, D) place the starting Gaussian.
         Returns the fitted flow and a :class:`FocusResult`."""
-        from physppl.models.components.flows import BoxFlow, box_to_unconstrained
+        from .flows import BoxFlow, box_to_unconstrained
 
         u = box_to_unconstrained(init_draws, low, high)
         loc = u.mean(0)

@@ -11,6 +11,8 @@ import torch
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import init_to_uniform, init_to_value
 
+from .fit import Fit
+
 __all__ = ["NUTSEngine", "NUTSResult"]
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ class NUTSEngine:
     full_mass : bool
         Adapt a dense mass matrix (strongly correlated latents, up to a few hundred dimensions) instead of a diagonal.
     """
+
+    needs_guide = False
 
     def __init__(
         self,
@@ -91,3 +95,14 @@ class NUTSEngine:
             diverging[chain, np.asarray(idx, dtype=int)] = True
         log.info("NUTS: %d chains x %d draws in %.1f s, %d divergences", self.num_chains, self.num_samples, wall, diverging.sum())
         return NUTSResult(samples=samples, diverging=diverging, wall_time=wall, stats={"divergences": int(diverging.sum())})
+
+    def fit(self, model, guide, data: dict, *, n_draws: int | None = None, n_data: int | None = None,
+            sites: list[str] | None = None, workdir=None, callback=None, init: dict | None = None) -> Fit:
+        """:meth:`run` as an engine: draws (chains, num_samples, *shape) of every latent site. The sampler keeps
+        its own ``num_samples`` per chain (``n_draws`` is not used); ``init`` starts every chain there."""
+        result = self.run(model, init_values=init, **data)
+        draws = {k: v.detach().cpu() for k, v in result.samples.items() if sites is None or k in sites}
+        info = {"engine": "nuts", "train_time": result.wall_time, "divergences": result.stats["divergences"],
+                "num_chains": self.num_chains, "num_samples": self.num_samples}
+        return Fit(model=model, guide=None, data=data, draws=draws, info=info,
+                   sample_stats={"diverging": result.diverging})

@@ -1,7 +1,9 @@
-"""Stochastic variational inference engine: minibatches, clipped Adam, convergence, checkpoints.
+"""Stochastic variational inference: minibatches, a torch optimiser, convergence, checkpoints.
 
-Knows nothing about the model's science. The model and guide are called as
-``model(**model_kwargs, subsample=idx)`` where ``idx`` indexes the data plate (``None`` = all data).
+Knows nothing about the model's science. Model and guide are modules called as ``model(**data, subsample=idx)``,
+where ``idx`` indexes the plate being minibatched (``None`` = all data); the loss is Pyro's ELBO as a module
+(``Trace_ELBO()(model, guide)``) trained by a torch optimiser. Parameters live in the modules (Pyro's module-local
+parameter mode), so a checkpoint is the modules' and the optimiser's ``state_dict``s.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from typing import Callable
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
-from pyro.optim import ClippedAdam, PyroOptim
 from tqdm.auto import tqdm
 
-__all__ = ["SVIEngine", "SVIResult", "TrainingDivergedError"]
+from .fit import Fit
+from .optim import ClippedAdam
+
+__all__ = ["SVIEngine", "SVIResult", "TrainingDivergedError", "CheckpointError"]
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,13 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model and guide it is loaded into."""
+
+
 @dataclass
 class SVIResult:
-    losses: list[float] = field(default_factory=list)  # loss (negative ELBO) per step, per observation-set
+    losses: list[float] = field(default_factory=list)  # loss (negative ELBO) per step
     steps: int = 0
     wall_time: float = 0.0
     converged: bool = False
@@ -45,14 +52,19 @@ class SVIResult:
         tail = self.losses[-min(len(self.losses), 50):]
         return float(np.mean(tail)) if tail else float("nan")
 
+    def info(self) -> dict:
+        return {"engine": "svi", "steps": self.steps, "final_loss": self.final_loss, "converged": self.converged,
+                "stop_reason": self.stop_reason, "train_time": self.wall_time, "resumed_from": self.resumed_from}
+
 
 class SVIEngine:
     """Run SVI to convergence or a step budget.
 
     Parameters
     ----------
-    optim : PyroOptim, optional
-        Defaults to ``ClippedAdam(lr=0.01)``; ``lrd`` in its args sets an exponential LR decay per step.
+    optim : callable, optional
+        ``optim({"model": model, "guide": guide}) -> torch.optim.Optimizer``; default
+        :class:`~physppl.inference.optim.ClippedAdam` with ``lr=0.01``.
     loss : ELBO, optional
         Defaults to ``Trace_ELBO()``.
     max_steps, min_steps : int
@@ -72,14 +84,16 @@ class SVIEngine:
         Where checkpoints go (default ``checkpoint.pt`` in the ``workdir`` given to :meth:`run`; with neither,
         no checkpoint is written, so library use leaves no files behind).
     resume : bool
-        Start from ``checkpoint_path`` if it exists.
+        Start from ``checkpoint_path`` (it must exist).
     progress : bool
         Show a tqdm progress bar with the running loss.
     """
 
+    needs_guide = True
+
     def __init__(
         self,
-        optim: PyroOptim | None = None,
+        optim: Callable | None = None,
         loss: ELBO | None = None,
         max_steps: int = 2000,
         min_steps: int = 200,
@@ -92,75 +106,69 @@ class SVIEngine:
         resume: bool = False,
         progress: bool = True,
     ):
-        if max_steps < 1:
+        if int(max_steps) < 1:
             raise ValueError(f"SVIEngine: max_steps must be >= 1, got {max_steps}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"SVIEngine: batch_size must be >= 1 or null, got {batch_size}")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"SVIEngine: batch_size must be >= 1 or None, got {batch_size}")
         if batch_order not in ("random", "blocks"):
             raise ValueError(f"SVIEngine: batch_order must be 'random' or 'blocks', got {batch_order!r}")
-        self.batch_order = batch_order
-        self.optim = optim if optim is not None else ClippedAdam({"lr": 0.01})
+        if int(window) < 1 or int(min_steps) < 0 or int(checkpoint_every) < 0:
+            raise ValueError("SVIEngine: window must be >= 1, min_steps and checkpoint_every >= 0")
+        self.optim = optim if optim is not None else ClippedAdam(lr=0.01)
         self.loss = loss if loss is not None else Trace_ELBO()
         self.max_steps = int(max_steps)
         self.min_steps = int(min_steps)
         self.window = int(window)
         self.rtol = float(rtol)
-        self.batch_size = batch_size
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.batch_order = batch_order
         self.checkpoint_every = int(checkpoint_every)
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.resume = bool(resume)
         self.progress = bool(progress)
 
+    def __repr__(self) -> str:
+        return (f"SVIEngine(optim={self.optim!r}, loss={type(self.loss).__name__}, max_steps={self.max_steps}, "
+                f"min_steps={self.min_steps}, rtol={self.rtol}, batch_size={self.batch_size})")
+
     # -- checkpoints ---------------------------------------------------------------------------------
-    def _save(self, path: Path, step: int, losses: list[float]) -> None:
-        state = {
-            "step": step,
-            "losses": list(losses),
-            "params": pyro.get_param_store().get_state(),
-            "optim": self.optim.get_state(),
-            "rng": pyro.util.get_rng_state(),
-            "batch_rng": self._generator.get_state(),
-        }
+    def checkpoint_file(self, workdir: str | os.PathLike | None) -> Path | None:
+        if self.checkpoint_path is not None:
+            return self.checkpoint_path
+        return Path(workdir) / "checkpoint.pt" if workdir is not None else None
+
+    def _save(self, path: Path, step: int, losses: list[float], model, guide, optimizer, generator) -> None:
+        state = {"step": step, "losses": list(losses), "model": model.state_dict(), "guide": guide.state_dict(),
+                 "optim": optimizer.state_dict(), "rng": pyro.util.get_rng_state(), "batch_rng": generator.get_state()}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
 
-    def _register_params(self, model: Callable, guide: Callable, n_data: int | None, model_kwargs: dict) -> None:
-        """Run guide and model once, so every parameter is in the store as the tensor its module computes with."""
-        full = n_data is None or self.batch_size is None or self.batch_size >= n_data
-        idx = None if full else torch.arange(self.batch_size)
-        with torch.no_grad(), poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(**model_kwargs, subsample=idx)
-            poutine.replay(model, trace=guide_trace)(**model_kwargs, subsample=idx)
-
-    def _load(self, path: Path) -> tuple[int, list[float]]:
-        # onto the CPU first: copy_ below moves each tensor to its parameter's device (a GPU run resumes on a CPU)
-        state = torch.load(path, weights_only=False, map_location="cpu")
-        # Copy into the store's tensors rather than replacing them (ParamStoreDict.set_state): nn.Modules registered
-        # with pyro.module keep computing with their own Parameter objects, which a replacement would orphan.
-        store = pyro.get_param_store()
-        saved = state["params"]
-        for name, value in saved["params"].items():
-            current = store._params.get(name)
-            if current is None:
-                store._params[name] = value
-                store._param_to_name[value] = name
-            elif current.shape != value.shape:
-                raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {tuple(value.shape)}, the model's "
-                                 f"{tuple(current.shape)}: the configuration changed since it was written")
-            else:
-                with torch.no_grad():
-                    current.copy_(value)
-        store._constraints.update(saved["constraints"])
-        self.optim.set_state(state["optim"])
+    @staticmethod
+    def _load(path: Path, model, guide, optimizer, generator) -> tuple[int, list[float]]:
+        # onto the CPU first: load_state_dict copies each tensor to its parameter's device (a GPU run resumes on CPU)
+        try:
+            state = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as err:  # torch raises several types for a truncated or foreign file
+            raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        for name, module in (("model", model), ("guide", guide)):
+            try:
+                module.load_state_dict(state[name])
+            except (KeyError, RuntimeError) as err:
+                raise CheckpointError(f"checkpoint {path} does not fit this {name} ({type(module).__name__}): "
+                                      f"{str(err).strip()}; the configuration changed since it was written") from None
+        optimizer.load_state_dict(state["optim"])
         pyro.util.set_rng_state(state["rng"])
-        self._generator.set_state(state["batch_rng"])
+        generator.set_state(state["batch_rng"])
         return int(state["step"]), list(state["losses"])
 
     # -- main loop -----------------------------------------------------------------------------------
+    def _full_batch(self, n_data: int | None) -> bool:
+        return n_data is None or self.batch_size is None or self.batch_size >= n_data
+
     def _batches(self, n_data: int | None, generator: torch.Generator):
-        if n_data is None or self.batch_size is None or self.batch_size >= n_data:
+        if self._full_batch(n_data):
             while True:
                 yield None
         while True:
@@ -182,55 +190,64 @@ class SVIEngine:
 
     def run(
         self,
-        model: Callable,
-        guide: Callable,
+        model: torch.nn.Module,
+        guide: torch.nn.Module,
+        data: dict | None = None,
         n_data: int | None = None,
         workdir: str | os.PathLike | None = None,
         callback: Callable[[int, list[float]], bool | str | None] | None = None,
-        **model_kwargs,
     ) -> SVIResult:
-        """Fit ``guide`` to ``model``; ``n_data`` is the size of the data plate to minibatch over.
+        """Fit ``guide`` to ``model`` on ``data``; ``n_data`` is the size of the plate to minibatch over.
 
         ``callback(step, losses)`` runs after every step (e.g. a held-out evaluation every epoch); a truthy
         return stops training, and a string return is recorded as the stop reason (early stopping).
         """
-        ckpt = self.checkpoint_path or (Path(workdir) / "checkpoint.pt" if workdir is not None else None)
+        data = dict(data or {})
+        ckpt = self.checkpoint_file(workdir)
         result = SVIResult()
+        # the minibatch order has its own generator, saved in checkpoints, so a resumed run continues the same stream
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        elbo = self.loss(model, guide)
+        first = None if self._full_batch(n_data) else torch.arange(self.batch_size)
+        # One evaluation before the optimiser exists: guides that make their parameters on the first call
+        # (autoguides) have them then. Its random draws are undone so it changes nothing downstream.
+        rng = pyro.util.get_rng_state()
+        with torch.no_grad():
+            elbo(**data, subsample=first)
+        pyro.util.set_rng_state(rng)
+        optimizer = self.optim({"model": model, "guide": guide})
         start_step = 0
-        # minibatch order has its own generator, saved in checkpoints, so a resumed run continues the same stream
-        self._generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         if self.resume:
             if ckpt is None or not ckpt.exists():
-                raise FileNotFoundError(
-                    f"inference.resume=true but no checkpoint at {ckpt}: run in the same directory "
-                    "(hydra.run.dir=...) or set inference.checkpoint_path"
-                )
-            self._register_params(model, guide, n_data, model_kwargs)
-            start_step, result.losses = self._load(ckpt)
+                raise CheckpointError(f"resume was asked for, but there is no checkpoint at {ckpt}: resume in the "
+                                      "directory of the interrupted run, or give its checkpoint_path")
+            start_step, result.losses = self._load(ckpt, model, guide, optimizer, generator)
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)
-        svi = SVI(model, guide, self.optim, loss=self.loss)
-        batches = self._batches(n_data, self._generator)
+        batches = self._batches(n_data, generator)
         t0 = time.perf_counter()
         step = start_step
-        bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI",
+                   dynamic_ncols=True, mininterval=1.0)
         try:
             while step < self.max_steps:
-                loss = svi.step(**model_kwargs, subsample=next(batches))
-                step += 1
+                optimizer.zero_grad()
+                loss_t = elbo(**data, subsample=next(batches))
+                loss = float(loss_t.detach())
                 if not math.isfinite(loss):
                     last = next((x for x in reversed(result.losses) if math.isfinite(x)), float("nan"))
                     raise TrainingDivergedError(
-                        f"SVI diverged: loss is {loss} at step {step} (last finite loss {last:.6g}). "
-                        "Try a smaller optim.lr, a robust likelihood (model/likelihood=student_t), or check "
-                        "the input for extreme values."
-                    )
-                result.losses.append(float(loss))
+                        f"SVI diverged: loss is {loss} at step {step + 1} (last finite loss {last:.6g}). Try a "
+                        "smaller learning rate, a robust likelihood, or check the input for extreme values.")
+                loss_t.backward()
+                optimizer.step()
+                step += 1
+                result.losses.append(loss)
                 bar.update(1)
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{np.mean(result.losses[-25:]):.5g}")
                 if ckpt is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
-                    self._save(ckpt, step, result.losses)
+                    self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
                 stop = callback(step, result.losses) if callback is not None else None
                 if stop:
                     result.stop_reason = stop if isinstance(stop, str) else f"stopped by callback at step {step}"
@@ -244,13 +261,25 @@ class SVIEngine:
         except KeyboardInterrupt:
             if ckpt is None:
                 raise
-            self._save(ckpt, step, result.losses)
-            raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {ckpt}; rerun with inference.resume=true")
+            self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
+            raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {ckpt}") from None
         finally:
             bar.close()
         if ckpt is not None:
-            self._save(ckpt, step, result.losses)
+            self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
         result.steps = step
         result.wall_time = time.perf_counter() - t0
         log.info("SVI: %s; final loss %.6g; %.1f s", result.stop_reason, result.final_loss, result.wall_time)
         return result
+
+    def fit(self, model, guide, data: dict, *, n_draws: int = 200, n_data: int | None = None,
+            sites: list[str] | None = None, workdir=None, callback=None, init: dict | None = None) -> Fit:
+        """:meth:`run`, then ``n_draws`` joint draws of the latent ``sites`` from the trained guide (one vectorised
+        call). ``init`` is not used: a guide carries its own starting point."""
+        from .convert import guide_draws
+        from .fit import latent_sites
+
+        result = self.run(model, guide, data, n_data=n_data, workdir=workdir, callback=callback)
+        sites = sites or latent_sites(model, data)
+        draws = guide_draws(guide, data, n_draws, sites)
+        return Fit(model=model, guide=guide, data=data, draws=draws, losses=result.losses, info=result.info())

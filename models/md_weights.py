@@ -235,7 +235,7 @@ class FrameWeightsModel(PyroModule):
     """Dirichlet frame weights, a scaled and offset diffuse prediction and a noise model per resolution shell.
 
     Work in normalised units (y of unit rms, F such that x' of uniform weights has unit rms), so the priors
-    below are weakly informative whatever the data's units (see :mod:`physppl.experiments.md_weights.data`).
+    below are weakly informative whatever the data's units (see :mod:`physppl.md_weights.data`).
 
     Sample sites
     ------------

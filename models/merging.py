@@ -4,13 +4,14 @@ Generative story (careless's model, in Pyro): each unique reflection ``r`` has a
 from Wilson's prior; the ``i``-th observation of it is ``I_i ~ L(k_i F_{r(i)}^2, sigma_i)`` with ``k_i`` a
 scale computed from the observation's metadata and ``L`` a noise model (Normal, Student-t, Laplace).
 Inferring ``q(F)`` by maximising the ELBO both scales and merges; contrast with the inverse-variance
-weighted mean (:mod:`physppl.inference.weighted_mean`), the maximum-likelihood merge.
+weighted mean (:mod:`physppl.merging.weighted_mean`), the maximum-likelihood merge.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import nn
@@ -18,7 +19,51 @@ from torch import nn
 from .components.likelihoods import NormalLikelihood, likelihood_from_name
 from .components.wilson import wilson_prior
 
-__all__ = ["MergingModel"]
+__all__ = ["MergingModel", "Likelihood", "ScaleModel", "ErrorModelProtocol", "MergingModelProtocol"]
+
+
+# -- what a part of your own must do (checked by physppl.merge on the first observations, before training) ----------
+@runtime_checkable
+class Likelihood(Protocol):
+    """Noise model of the intensities: ``likelihood(loc, sigma)`` with ``loc`` (n,) the predicted intensity
+    ``k F^2`` and ``sigma`` (n,) the (error-model) sigma returns a ``torch.distributions.Distribution`` with batch
+    shape (n,) whose ``log_prob`` scores the observed intensities."""
+
+    def __call__(self, loc: torch.Tensor, sigma: torch.Tensor) -> dist.Distribution: ...
+
+
+@runtime_checkable
+class ScaleModel(Protocol):
+    """Scale model: an ``nn.Module`` (a ``PyroModule`` for parameters with constraints) built as
+    ``cls(n_images=..., n_features=...)`` whose ``forward(image, metadata, inv_d2)`` takes the image index (n,)
+    (long), the standardised metadata (n, n_features) and 1/d^2 (n,) and returns the log-scale (n,). Optionally
+    ``initialize_from(image, log_scale) -> bool`` starts it from a conventional scaling's per-observation log-scales.
+    Smoothness priors may be added as ``pyro.factor`` sites."""
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ErrorModelProtocol(Protocol):
+    """Error model: an ``nn.Module`` whose ``forward(sigma, predicted)`` returns the inflated sigmas (n,)."""
+
+    def forward(self, sigma: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class MergingModelProtocol(Protocol):
+    """A merging model: built as ``cls(centric=, epsilon=, sigma_n=, scale=, likelihood=, error_model=, n_images=,
+    n_features=)`` (``centric``, ``epsilon``, ``sigma_n``: tensors (n_refl,); ``scale`` a module or a factory taking
+    ``n_images`` and ``n_features``), a module whose ``forward(refl, image, metadata, inv_d2, sigma, intensity=None,
+    subsample=None)`` samples ``F`` (n_refl,) in plate ``"refl"`` and observes ``I`` (n_obs,) in plate ``"obs"``, with
+    attributes ``scale`` (its scale model, for the learned-scale outputs) and ``n_refl``.
+    :class:`MergingModel` is the reference; subclass it to change one piece."""
+
+    scale: nn.Module
+
+    def forward(self, refl: torch.Tensor, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor,
+                sigma: torch.Tensor, intensity: torch.Tensor | None = None,
+                subsample: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class MergingModel(PyroModule):
@@ -55,7 +100,7 @@ class MergingModel(PyroModule):
         epsilon: torch.Tensor,
         sigma_n: torch.Tensor,
         scale: nn.Module | Callable[..., nn.Module],
-        likelihood: Callable | str = NormalLikelihood(),
+        likelihood: Callable | str = "normal",
         error_model: nn.Module | None = None,
         n_images: int | None = None,
         n_features: int | None = None,

@@ -32,7 +32,6 @@ __all__ = [
     "activation",
     "check_support",
     "conv_grid",
-    "synced_module",
 ]
 
 LIKELIHOODS = ("bernoulli", "continuous_bernoulli", "gaussian")
@@ -124,19 +123,6 @@ class ConvDecoder(nn.Module):
         return self.conv(h).reshape(*batch, *self.event_shape)
 
 
-def synced_module(owner: PyroModule, name: str) -> nn.Module:
-    """The plain ``nn.Module`` child ``name`` of ``owner``, registered with Pyro and computing with the tensors
-    in Pyro's parameter store.
-
-    A checkpoint restored into the store (``SVIEngine(resume=True)``, or the best parameters after early
-    stopping) replaces the store's tensors; ``pyro.module`` without ``update_module_params`` would leave the
-    network computing with its stale tensors while the optimiser steps the new ones. Reading the child from
-    ``_modules`` bypasses PyroModule's own (non-updating) registration, so this costs one registration a call.
-    """
-    net = owner._modules[name]
-    return pyro.module(owner._pyro_get_fullname(name), net, update_module_params=True)
-
-
 def check_support(x: np.ndarray | torch.Tensor, likelihood: str, source: str = "data") -> None:
     """Raise ``ValueError`` naming ``source`` if ``x`` (n, ...) lies outside the support of ``likelihood``."""
     a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
@@ -197,8 +183,6 @@ class VAEModel(PyroModule):
         Conv decoder padding; ``circular`` for periodic lattices.
     min_scale : float
         Gaussian likelihood: lower bound of the per-pixel standard deviation.
-    name : str
-        Prefix of the Pyro parameter names, to keep two models apart in one parameter store.
     """
 
     def __init__(
@@ -212,9 +196,8 @@ class VAEModel(PyroModule):
         channels: Sequence[int] = (32, 16),
         padding_mode: str = "zeros",
         min_scale: float = 1e-2,
-        name: str = "",
     ):
-        super().__init__(name)
+        super().__init__()
         self.event_shape = tuple(int(s) for s in event_shape)
         if not self.event_shape or any(s < 1 for s in self.event_shape):
             raise ValueError(f"VAEModel: event_shape must be non-empty positive sizes, got {event_shape}")
@@ -261,24 +244,23 @@ class VAEModel(PyroModule):
         if x is None and n is None:
             raise ValueError("VAEModel: give the data x or the number of configurations n")
         n_data = x.shape[0] if x is not None else int(n)
-        decoder = synced_module(self, "decoder")  # registered once per call, outside the plate
         prior = self.prior()
         with pyro.plate("data", n_data, subsample=subsample, dim=-1) as idx:
             z = pyro.sample("z", prior)
             obs = None if x is None else (x if subsample is None else x[idx])
-            return pyro.sample("x", self.likelihood_dist(decoder(z)), obs=obs)
+            return pyro.sample("x", self.likelihood_dist(self.decoder(z)), obs=obs)
 
     # -- helpers for analysis (no Pyro effects) ----------------------------------------------------------------
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Mean of ``p(x | z)`` (pixel probabilities for Bernoulli), shape (..., *event_shape)."""
-        return self.likelihood_dist(synced_module(self, "decoder")(z)).mean
+        return self.likelihood_dist(self.decoder(z)).mean
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``log p(x | z)`` summed over pixels; ``z`` (..., n, latent_dim) broadcasts against ``x`` (n, ...)."""
-        return self.likelihood_dist(synced_module(self, "decoder")(z)).log_prob(x)
+        return self.likelihood_dist(self.decoder(z)).log_prob(x)
 
     def sample(self, n: int, mean: bool = True) -> torch.Tensor:
         """``n`` configurations from the prior: the decoder mean (``mean=True``) or a draw of ``p(x | z)``."""
         z = self.prior().sample((n,))
-        d = self.likelihood_dist(synced_module(self, "decoder")(z))
+        d = self.likelihood_dist(self.decoder(z))
         return d.mean if mean else d.sample()

@@ -14,9 +14,9 @@ import torch
 from hydra import compose, initialize_config_module
 from scipy import stats
 
-from physppl.experiments.beam_sbi.data import fixed_observations
-from physppl.experiments.beam_sbi.reference import nuts_draws, reference_draws
-from physppl.inference.app import run
+from physppl.beam_sbi.data import fixed_observations
+from physppl.beam_sbi.reference import nuts_draws, reference_draws
+from physppl.cli import run
 from physppl.inference.calibration import c2st
 from physppl.models.beam import PARAM_NAMES, KnifeEdgeBeamModel
 

@@ -8,7 +8,7 @@ from pyro.infer import Trace_ELBO
 
 from physppl.guides.beam import KnifeEdgeFlowGuide, KnifeEdgeSummaries, knife_edge_flow
 from physppl.models.beam import PARAM_NAMES, KnifeEdgeBeamModel
-from physppl.models.components.flows import BoxFlow, ConditionalBoxFlow
+from physppl.inference.flows import BoxFlow, ConditionalBoxFlow
 
 LOW, HIGH = torch.tensor([-1.0, 0.5]), torch.tensor([2.0, 1.0])
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from physppl.inference.io.scans import ScanInputError, read_scans
+from physppl.io.scans import ScanInputError, read_scans
 from physppl.models.beam import KnifeEdgeBeamModel, blade_positions
 
 POS = blade_positions().double().numpy()

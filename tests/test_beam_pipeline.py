@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from physppl.inference.app import run
+from physppl.cli import run
 from physppl.inference.npe import load_posterior
 from physppl.models.beam import PARAM_NAMES
 
@@ -55,7 +55,7 @@ def test_default_job_writes_every_output(tmp_path):
 
 
 def test_observed_file_single_scan_and_simulation_cache(tmp_path):
-    from physppl.experiments.beam_sbi.data import BeamDataSource, fixed_observations
+    from physppl.beam_sbi.data import BeamDataSource, fixed_observations
     from physppl.models.beam import KnifeEdgeBeamModel
 
     _, x = fixed_observations(KnifeEdgeBeamModel(), 1, seed=5)
@@ -76,7 +76,7 @@ def test_observed_file_single_scan_and_simulation_cache(tmp_path):
 
 def test_sequential_rounds_on_an_observed_csv_scan(tmp_path):
     """The documented command: physppl +experiment=beam_sbi inference.rounds=4 data.observed=scan.csv (tiny budget)."""
-    from physppl.experiments.beam_sbi.data import fixed_observations
+    from physppl.beam_sbi.data import fixed_observations
     from physppl.models.beam import KnifeEdgeBeamModel
 
     _, x = fixed_observations(KnifeEdgeBeamModel(), 1, seed=7)
@@ -126,7 +126,7 @@ def test_command_line_reports_bad_scan_without_traceback(tmp_path):
            [f"y,{p},{100}" for p in np.linspace(-3, 3, 100)]
     (tmp_path / "scan.csv").write_text("\n".join(rows) + "\n")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "physppl.inference.app", "+experiment=beam_sbi",
+    proc = subprocess.run([sys.executable, "-m", "physppl.cli", "+experiment=beam_sbi",
                            f"data.observed={tmp_path / 'scan.csv'}", f"hydra.run.dir={tmp_path / 'cli'}"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.svi import SVIEngine
-from physppl.inference.weighted_mean import ScaledWeightedMean
+from physppl.merging.weighted_mean import ScaledWeightedMean
 from physppl.models.merging import MergingModel
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -17,7 +17,7 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in (
 OPTIONS = [f"{g}={p.stem}" for g in GROUPS for p in (CONF / g).glob("*.yaml")]
 MERGING_OPTIONS = [f"model/{g}={p.stem}" for g in ("scale", "likelihood", "error_model")
                    for p in (CONF / "model" / g).glob("*.yaml")]
-MERGING_TASK = "physppl.experiments.merging.pipeline.run"
+MERGING_TASK = "physppl.merging.pipeline.run"
 
 
 def _compose(overrides):
@@ -40,7 +40,7 @@ def _instantiate_merging(cfg, data):
 
 @pytest.fixture(scope="module")
 def tiny(small_sim):
-    from physppl.experiments.merging.data import prepare
+    from physppl.merging.data import prepare
 
     return prepare(small_sim[0])
 

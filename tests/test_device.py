@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from physppl.inference.app import run
+from physppl.cli import run
 
 # tiny settings per experiment, and the figures a GPU run must reproduce (name, relative tolerance)
 JOBS = {

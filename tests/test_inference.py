@@ -7,20 +7,50 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
-from pyro.optim import ClippedAdam
+from pyro.nn import PyroModule, PyroParam
 
-from physppl.inference.convert import draw_from_guide, site_dims, to_inference_data
+import physppl
+from physppl.inference.convert import Rescale, guide_draws, site_dims, summarize, to_inference_data
+from physppl.inference.fit import Fit, ProtocolError, fit
+from physppl.inference.map import MAPEngine
 from physppl.inference.nuts import NUTSEngine
-from physppl.inference.svi import SVIEngine, TrainingDivergedError
+from physppl.inference.optim import ClippedAdam
+from physppl.inference.svi import CheckpointError, SVIEngine, TrainingDivergedError
 
 PRIOR_SD = 10.0
 
 
-def model(y, subsample=None):
-    """mu ~ Normal(0, 10) with shape (); y ~ Normal(mu, 1), shape (n,), plate "data"."""
-    mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
-    with pyro.plate("data", y.shape[0], subsample=subsample) as idx:
-        pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+class Model(PyroModule):
+    """mu ~ Normal(0, 10), shape (); y ~ Normal(mu, 1), shape (n,), plate "data"."""
+
+    def forward(self, y, subsample=None):
+        mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+        with pyro.plate("data", y.shape[0], subsample=subsample) as idx:
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
+
+
+class PointGuide(PyroModule):
+    """q(mu) = Normal(loc, scale), starting at (0, 1): no random initialisation, so runs repeat step by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = PyroParam(torch.tensor(0.0))
+        self.scale = PyroParam(torch.tensor(1.0), dist.constraints.positive)
+
+    def forward(self, y, subsample=None):
+        pyro.sample("mu", dist.Normal(self.loc, self.scale))
+
+
+class NetGuide(PyroModule):
+    """q(mu) from a plain torch child module: its parameters are the guide's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(1, 2)
+
+    def forward(self, y, subsample=None):
+        out = self.net(torch.ones(1))
+        pyro.sample("mu", dist.Normal(out[0], torch.nn.functional.softplus(out[1])))
 
 
 def exact(y):
@@ -33,141 +63,168 @@ def y():
     return 1.5 + torch.randn(400, generator=torch.Generator().manual_seed(0))
 
 
-def point_guide(y, subsample=None):
-    """q(mu) = Normal(loc, scale); no random initialisation, so runs are reproducible step by step."""
-    loc = pyro.param("loc", torch.tensor(0.0))
-    scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
-    pyro.sample("mu", dist.Normal(loc, scale))
-
-
 def _engine(**kw):
     # lr decays to 0.05 * 0.998^1500 = 0.0025, so the final iterate sits close to the optimum
-    args = dict(optim=ClippedAdam({"lr": 0.05, "lrd": 0.998}), max_steps=1500, min_steps=1500, progress=False, checkpoint_every=0)
+    args = dict(optim=ClippedAdam(lr=0.05, lrd=0.998), max_steps=1500, min_steps=1500, progress=False,
+                checkpoint_every=0)
     args.update(kw)
     return SVIEngine(**args)
 
 
 @pytest.mark.parametrize("batch_size", [None, 100])
 def test_svi_recovers_exact_posterior(y, tmp_path, batch_size):
-    guide = AutoNormal(model)
-    res = _engine(batch_size=batch_size).run(model, guide, n_data=len(y), workdir=tmp_path, y=y)
+    model, guide = Model(), AutoNormal(Model())
+    res = _engine(batch_size=batch_size).run(model, guide, {"y": y}, n_data=len(y), workdir=tmp_path)
     mean, sd = exact(y)
-    loc, scale = guide.median()["mu"].item(), pyro.param("AutoNormal.scales.mu").item()
+    loc, scale = guide.median()["mu"].item(), guide.scales.mu.item()
     # tolerance: a fifth of a posterior sd on the mean (minibatch noise included), 15% on the sd
     assert abs(loc - mean) < 0.2 * sd
     assert abs(scale / sd - 1) < 0.15
     assert res.steps == 1500 and np.isfinite(res.final_loss)
+    assert len(pyro.get_param_store()) == 0  # parameters live in the modules, not in Pyro's global store
+
+
+def test_fit_returns_draws_in_the_posterior_and_two_fits_share_nothing(y):
+    mean, sd = exact(y)
+    first = fit(Model(), PointGuide(), {"y": y}, _engine(), n_draws=4000)
+    second = fit(Model(), PointGuide(), {"y": y}, _engine(), n_draws=10)
+    assert first.draws["mu"].shape == (1, 4000) and second.draws["mu"].shape == (1, 10)
+    draws = first.draws["mu"]
+    # 4000 draws: Monte Carlo error of the mean is sd/63; the fit itself is within 0.1 sd
+    assert abs(draws.mean().item() - mean) < 0.15 * sd and abs(draws.std().item() / sd - 1) < 0.1
+    # the second fit started from its own initial values: its first loss equals the first fit's first loss
+    assert second.losses[0] == pytest.approx(first.losses[0], rel=0.2)
+    assert first.info["engine"] == "svi" and first.info["steps"] == 1500
 
 
 def test_svi_stops_on_convergence(y, tmp_path):
-    res = _engine(min_steps=100, rtol=1e-3, window=50).run(model, AutoNormal(model), n_data=len(y), workdir=tmp_path, y=y)
+    res = _engine(min_steps=100, rtol=1e-3, window=50).run(Model(), AutoNormal(Model()), {"y": y}, n_data=len(y))
     assert res.converged and res.steps < 1500
     assert "converged" in res.stop_reason
 
 
-def test_svi_detects_divergence_and_names_the_step(tmp_path):
+def test_svi_detects_divergence_and_names_the_step():
     bad = torch.tensor([1.0, float("inf"), 2.0])
     with pytest.raises(TrainingDivergedError, match=r"at step 1\b"):
-        _engine().run(model, AutoNormal(model), n_data=3, workdir=tmp_path, y=bad)
+        _engine().run(Model(), PointGuide(), {"y": bad}, n_data=3)
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(y, tmp_path):
     pyro.set_rng_seed(3)
-    _engine(max_steps=300, min_steps=300).run(model, point_guide, workdir=tmp_path / "a", y=y)
-    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    guide = PointGuide()
+    _engine(max_steps=300, min_steps=300).run(Model(), guide, {"y": y}, workdir=tmp_path / "a")
+    expected = {k: v.detach().clone() for k, v in guide.state_dict().items()}
 
-    pyro.clear_param_store()
     pyro.set_rng_seed(3)
-    _engine(max_steps=200, min_steps=300, checkpoint_every=100).run(model, point_guide, workdir=tmp_path / "b", y=y)
+    _engine(max_steps=200, min_steps=300, checkpoint_every=100).run(Model(), PointGuide(), {"y": y},
+                                                                   workdir=tmp_path / "b")
     assert (tmp_path / "b" / "checkpoint.pt").exists()
-    pyro.clear_param_store()
     pyro.set_rng_seed(99)  # the checkpoint restores the RNG state too
-    res = _engine(max_steps=300, min_steps=300, resume=True).run(model, point_guide, workdir=tmp_path / "b", y=y)
+    resumed = PointGuide()
+    res = _engine(max_steps=300, min_steps=300, resume=True).run(Model(), resumed, {"y": y}, workdir=tmp_path / "b")
     assert res.resumed_from == 200 and res.steps == 300 and len(res.losses) == 300
     for k, v in expected.items():
-        assert torch.allclose(pyro.param(k).detach(), v, atol=1e-5), k
+        assert torch.equal(resumed.state_dict()[k], v), k  # bit for bit on the CPU
 
 
-def test_resume_restores_torch_modules_registered_with_pyro_module(y, tmp_path):
-    """pyro.module keeps the module's own Parameter objects in the store: resume must update those in place."""
-    holder = {}
-
-    def net_guide(y, subsample=None):
-        out = pyro.module("net", holder["net"])(torch.ones(1))
-        pyro.sample("mu", dist.Normal(out[0], torch.nn.functional.softplus(out[1])))
-
-    def new_process(seed):
-        pyro.clear_param_store()
-        pyro.set_rng_seed(5)
-        torch.manual_seed(seed)
-        holder["net"] = torch.nn.Linear(1, 2)  # built afresh, as a new process would
-
-    new_process(5)
-    _engine(max_steps=200, min_steps=200).run(model, net_guide, workdir=tmp_path / "a", y=y)
-    expected = holder["net"](torch.ones(1)).detach().clone()
-    new_process(5)
-    _engine(max_steps=120, min_steps=200, checkpoint_every=60).run(model, net_guide, workdir=tmp_path / "b", y=y)
-    new_process(99)  # other initial weights: only the checkpoint can bring the module back
-    _engine(max_steps=200, min_steps=200, resume=True).run(model, net_guide, workdir=tmp_path / "b", y=y)
-    assert torch.allclose(holder["net"](torch.ones(1)).detach(), expected, atol=1e-5)
+def test_resume_restores_a_plain_torch_child_module(y, tmp_path):
+    torch.manual_seed(5)
+    pyro.set_rng_seed(5)
+    full = NetGuide()
+    _engine(max_steps=200, min_steps=200).run(Model(), full, {"y": y}, workdir=tmp_path / "a")
+    expected = full.net(torch.ones(1)).detach().clone()
+    torch.manual_seed(5)
+    pyro.set_rng_seed(5)
+    _engine(max_steps=120, min_steps=200, checkpoint_every=60).run(Model(), NetGuide(), {"y": y},
+                                                                   workdir=tmp_path / "b")
+    torch.manual_seed(99)  # other initial weights: only the checkpoint can bring the module back
+    resumed = NetGuide()
+    _engine(max_steps=200, min_steps=200, resume=True).run(Model(), resumed, {"y": y}, workdir=tmp_path / "b")
+    assert torch.allclose(resumed.net(torch.ones(1)).detach(), expected, atol=1e-6)
 
 
-def test_resume_without_checkpoint_is_a_clear_error(y, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _engine(resume=True).run(model, AutoNormal(model), workdir=tmp_path, y=y)
+def test_resume_errors_name_the_checkpoint(y, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _engine(resume=True).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
+    _engine(max_steps=5).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
+    with pytest.raises(CheckpointError, match="does not fit this guide"):  # a guide of another shape
+        _engine(max_steps=10, resume=True).run(Model(), NetGuide(), {"y": y}, workdir=tmp_path)
 
 
 def test_nuts_recovers_exact_posterior_and_converts(y):
-    res = NUTSEngine(num_samples=300, warmup_steps=200, num_chains=2, progress=False).run(model, y=y[:50])
+    res = fit(Model(), None, {"y": y[:50]}, NUTSEngine(num_samples=300, warmup_steps=200, num_chains=2, progress=False))
     mean, sd = exact(y[:50])
-    draws = res.samples["mu"]
+    draws = res.draws["mu"]
     assert draws.shape == (2, 300)
     # 600 draws: Monte Carlo error of the mean ~ sd/sqrt(ESS); allow 0.25 sd
     assert abs(draws.mean().item() - mean) < 0.25 * sd
     assert abs(draws.std().item() / sd - 1) < 0.2
-    idata = to_inference_data(model, {"y": y[:50]}, res.samples, sample_stats={"diverging": res.diverging})
+    idata = to_inference_data(res)
     assert idata.posterior["mu"].dims == ("chain", "draw")
     assert idata.log_likelihood["y"].dims == ("chain", "draw", "data")
     assert idata.observed_data["y"].shape == (50,)
     assert idata.sample_stats["diverging"].shape == (2, 300)
-    # pointwise log-likelihood equals the Normal density at each draw
+    # pointwise log-likelihood (one vectorised call over draws) equals the Normal density at each draw
     ll = idata.log_likelihood["y"].values[1, 7]
-    ref = dist.Normal(draws[1, 7], 1.0).log_prob(y[:50]).numpy()
+    ref = dist.Normal(draws[1, 7].double(), 1.0).log_prob(y[:50].double()).numpy()
     assert np.allclose(ll, ref, atol=1e-5)
 
 
-def test_guide_draws_have_plate_dims():
-    def plated(n=5, subsample=None):
-        with pyro.plate("refl", n):
-            pyro.sample("F", dist.HalfNormal(torch.ones(n)))
+def test_rescaled_sites_are_in_user_units_with_the_jacobian_in_the_log_likelihood(y):
+    res = fit(Model(), PointGuide(), {"y": y}, _engine(max_steps=200, min_steps=200), n_draws=50)
+    plain = to_inference_data(res)
+    scaled = to_inference_data(res, rescale={"mu": Rescale(3.0, 1.0), "y": Rescale(3.0, 1.0)})
+    assert np.allclose(scaled.posterior["mu"].values, 1.0 + 3.0 * plain.posterior["mu"].values)
+    assert np.allclose(scaled.observed_data["y"].values, 1.0 + 3.0 * y.numpy(), atol=1e-5)
+    # the density of y in user units is the internal density over |dy_user / dy| = 3
+    assert np.allclose(scaled.log_likelihood["y"].values, plain.log_likelihood["y"].values - math.log(3.0))
+    assert '"mu": {"scale": 3.0, "shift": 1.0}' in scaled.posterior.attrs["physppl_rescaled"]
 
-    def guide(n=5, subsample=None):
-        with pyro.plate("refl", n):
-            pyro.sample("F", dist.LogNormal(torch.zeros(n), 0.1))
 
-    tr = pyro.poutine.trace(plated).get_trace()
-    assert site_dims(tr) == {"F": ["refl"]}
-    draws = draw_from_guide(guide, {}, 40, ["F"])
-    assert draws["F"].shape == (1, 40, 5)
-    idata = to_inference_data(plated, {}, draws, log_likelihood=False)
+def test_guide_draws_are_vectorised_with_plate_dims():
+    class Plated(PyroModule):
+        def forward(self, n=5, subsample=None):
+            with pyro.plate("refl", n):
+                pyro.sample("F", dist.HalfNormal(torch.ones(n)))
+
+    class Guide(PyroModule):
+        def forward(self, n=5, subsample=None):
+            with pyro.plate("refl", n):
+                pyro.sample("F", dist.LogNormal(torch.arange(5.0), 0.1))
+
+    assert site_dims(pyro.poutine.trace(Plated()).get_trace()) == {"F": ["refl"]}
+    draws = guide_draws(Guide(), {}, 4000, ["F"])
+    assert draws["F"].shape == (1, 4000, 5)
+    # each reflection's draws follow its own distribution: log-mean k, log-sd 0.1
+    logs = draws["F"][0].log()
+    assert torch.allclose(logs.mean(0), torch.arange(5.0), atol=0.01) and torch.allclose(logs.std(0), torch.full((5,), 0.1), atol=0.01)
+    idata = to_inference_data(Fit(model=Plated(), guide=None, data={}, draws=draws), log_likelihood=False)
     assert idata.posterior["F"].dims == ("chain", "draw", "refl")
+    summary = summarize(idata)
+    assert list(summary.index[:2]) == ["F[0]", "F[1]"] and "refl" in summary.columns
 
 
-def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(y, tmp_path, monkeypatch):
-    from pyro.infer import SVI
+def test_map_engine_finds_the_mode(y):
+    res = fit(Model(), None, {"y": y}, MAPEngine(steps=800, lr=0.05))
+    mean, sd = exact(y)
+    assert res.draws["mu"].shape == (1, 1) and abs(res.draws["mu"].item() - mean) < 0.05 * sd
+
+
+def test_interrupt_saves_a_checkpoint_and_says_where(y, tmp_path, monkeypatch):
+    from pyro.infer.elbo import ELBOModule
 
     calls = {"n": 0}
-    real_step = SVI.step
+    real = ELBOModule.forward
 
-    def step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 40:
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1  # call 1 is the engine's initialising evaluation; call k + 1 is step k
+        if calls["n"] == 41:
             raise KeyboardInterrupt
-        return real_step(self, *args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(SVI, "step", step)
-    with pytest.raises(KeyboardInterrupt, match="interrupted at step 39.*resume=true"):
-        _engine(max_steps=100).run(model, point_guide, workdir=tmp_path, y=y)
+    monkeypatch.setattr(ELBOModule, "forward", forward)
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 39.*checkpoint saved"):
+        _engine(max_steps=100).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 39 and len(state["losses"]) == 39
 
@@ -185,21 +242,66 @@ def test_block_minibatches_are_contiguous_and_cover_every_index():
 def test_callback_stops_training_with_its_reason(y, tmp_path):
     seen = []
 
-    def every_50(step, losses):
+    def every_step(step, losses):
         seen.append((step, len(losses)))
         return f"early stop at {step}" if step == 120 else None
 
-    res = _engine(max_steps=500).run(model, point_guide, workdir=tmp_path, callback=every_50, y=y)
+    res = _engine(max_steps=500).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path, callback=every_step)
     assert res.steps == 120 and res.stop_reason == "early stop at 120" and not res.converged
     assert seen[0] == (1, 1) and seen[-1] == (120, 120)
 
 
 def test_no_workdir_writes_no_checkpoint(y, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _engine(max_steps=20, checkpoint_every=5).run(model, point_guide, y=y)
+    _engine(max_steps=20, checkpoint_every=5).run(Model(), PointGuide(), {"y": y})
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _engine(resume=True).run(model, point_guide, y=y)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        _engine(resume=True).run(Model(), PointGuide(), {"y": y})
+
+
+def test_learning_rates_per_submodule_and_unknown_names_are_errors():
+    class WithChild(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Linear(2, 1)
+            self.other = PyroParam(torch.zeros(3))
+
+    model = WithChild()
+    opt = ClippedAdam(lr=0.05, module_lr={"scale": 0.002})({"model": model, "guide": PointGuide()})
+    rates = {g["name"]: (g["lr"], len(g["params"])) for g in opt.param_groups}
+    assert rates == {"default": (0.05, 3), "scale": (0.002, 2)}  # other + the guide's loc, scale; weight, bias
+    with pytest.raises(ValueError, match="no submodule 'scal'.*model.scale"):
+        ClippedAdam(module_lr={"scal": 0.1})({"model": model, "guide": PointGuide()})
+
+
+def test_protocol_errors_name_what_is_missing(y):
+    def function_model(y, subsample=None):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    class NoSubsample(PyroModule):
+        def forward(self, y):
+            pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    class WrongSite(PyroModule):
+        def forward(self, y, subsample=None):
+            pyro.sample("nu", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ProtocolError, match="not a torch.nn.Module"):
+        fit(function_model, PointGuide(), {"y": y})
+    with pytest.raises(ProtocolError, match="must accept subsample"):
+        fit(NoSubsample(), PointGuide(), {"y": y})
+    with pytest.raises(ProtocolError, match=r"samples \['nu'\], which are not latent sites"):
+        fit(Model(), WrongSite(), {"y": y})
+    with pytest.raises(ProtocolError, match="needs a guide"):
+        fit(Model(), None, {"y": y})
+
+
+def test_top_level_api_is_importable_lazily():
+    assert callable(physppl.merge) and callable(physppl.weigh_frames) and callable(physppl.infer_beam)
+    assert callable(physppl.train_vae) and physppl.fit is fit
+    assert physppl.__version__
+    with pytest.raises(AttributeError):
+        physppl.no_such_thing
 
 
 def test_resolve_device():

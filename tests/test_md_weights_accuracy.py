@@ -11,9 +11,9 @@ import pyro
 import pytest
 from pyro.infer import Trace_ELBO
 
-from physppl.experiments.md_weights import analysis
-from physppl.experiments.md_weights.data import MDWeightsDataSource
-from physppl.experiments.md_weights.pipeline import build_guide, build_model, fit
+from physppl.md_weights import analysis
+from physppl.md_weights.data import MDWeightsDataSource
+from physppl.md_weights.pipeline import build_guide, build_model, fit
 from physppl.guides.md_weights import DirichletFrameGuide, logistic_normal_guide, map_initial_values
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import clipped_adam

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from physppl.experiments.md_weights.data import MDWeightsDataSource
-from physppl.experiments.md_weights.make_frames import main as make_frames_main
-from physppl.experiments.md_weights.make_frames import write_example
-from physppl.inference.io.frames import (FrameInputError, read_frames, read_labels, read_observed, read_weights,
+from physppl.md_weights.data import MDWeightsDataSource
+from physppl.md_weights.make_frames import main as make_frames_main
+from physppl.md_weights.make_frames import write_example
+from physppl.io.frames import (FrameInputError, read_frames, read_labels, read_observed, read_weights,
                                          write_frames, write_intensity_mtz)
 from physppl.models.simulators.md_frames import FrameSet
 

@@ -11,8 +11,8 @@ import pytest
 import reciprocalspaceship as rs
 from hydra import compose, initialize_config_module
 
-from physppl.experiments.md_weights.make_frames import write_example
-from physppl.inference.app import run
+from physppl.md_weights.make_frames import write_example
+from physppl.cli import run
 
 TINY = ["data.simulate.labels=[0,0,1,1,2,2]", "data.simulate.truth=frames", "data.simulate.dmin=5.0",
         "warm_start.steps=40", "cc_baseline.steps=60", "n_draws=40", "inference.progress=false"]
@@ -86,7 +86,7 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path):
     bad = tmp_path / "amplitudes.npz"
     np.savez(bad, F=np.abs(np.random.randn(3, 4)), hkl=np.eye(4, 3, dtype=int))
     obs = write_example(tmp_path / "ex", "npz", labels=[0, 1], truth="frames", dmin=6.0)["observed"]
-    proc = subprocess.run([sys.executable, "-m", "physppl.inference.app", "+experiment=md_weights",
+    proc = subprocess.run([sys.executable, "-m", "physppl.cli", "+experiment=md_weights",
                            f"data.frames={bad}", f"data.observed={obs}", f"hydra.run.dir={tmp_path / 'out'}"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

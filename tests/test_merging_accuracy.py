@@ -4,8 +4,8 @@ import pyro
 import pytest
 import torch
 
-from physppl.experiments.merging.data import initial_estimates, prepare
-from physppl.experiments.merging.quality import true_amplitudes, truth_metrics
+from physppl.merging.data import initial_estimates, prepare
+from physppl.merging.quality import true_amplitudes, truth_metrics
 from physppl.guides.merging import MergingGuide
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import clipped_adam

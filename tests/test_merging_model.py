@@ -5,9 +5,9 @@ import pytest
 import torch
 from pyro import poutine
 
-from physppl.experiments.merging.data import initial_estimates, prepare
+from physppl.merging.data import initial_estimates, prepare
 from physppl.guides.merging import FAMILIES, MergingGuide
-from physppl.inference.weighted_mean import ScaledWeightedMean
+from physppl.merging.weighted_mean import ScaledWeightedMean
 from physppl.models.components import scale as S
 from physppl.models.components.likelihoods import LaplaceLikelihood, NormalLikelihood, StudentTLikelihood
 from physppl.models.merging import MergingModel
@@ -133,7 +133,7 @@ def test_scale_prior_is_counted_once(data):
 
 
 def test_missing_detector_metadata_is_skipped_but_other_columns_are_errors(small_sim):
-    from physppl.inference.io.mtz import MTZInputError
+    from physppl.io.mtz import MTZInputError
 
     ds = small_sim[0].drop(columns=["XDET", "YDET"])
     data = prepare(ds)
@@ -162,7 +162,7 @@ def test_every_guide_family_traces_with_the_model(data, init, family):
 def test_french_wilson_fallback_agrees_with_quadrature(data):
     """The public rs route (used if rs drops its quadrature helper) gives the same amplitudes (own Sigma estimate,
     so agreement is close, not exact)."""
-    from physppl.experiments.merging.data import _french_wilson_public, french_wilson
+    from physppl.merging.data import _french_wilson_public, french_wilson
 
     init = initial_estimates(data)
     mean, sd = init["I_WM"].to_numpy(), init["SIGI_WM"].to_numpy()

@@ -10,7 +10,7 @@ import pytest
 import reciprocalspaceship as rs
 from hydra import compose, initialize_config_module
 
-from physppl.inference.app import run
+from physppl.cli import run
 
 TINY = ["data.simulate.dmin=4.5", "data.simulate.n_images=40", "inference.max_steps=150", "inference.min_steps=150",
         "inference.progress=false", "n_draws=20"]
@@ -103,7 +103,7 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
     bad = tmp_path / "notes.mtz"
     bad.write_text("not an mtz")
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "physppl.inference.app", f"data.path={bad}",
+    proc = subprocess.run([sys.executable, "-m", "physppl.cli", f"data.path={bad}",
                            f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert "is not a readable MTZ file" in proc.stderr
@@ -112,7 +112,7 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
 
 def test_hydra_multirun_jobs_are_independent(tmp_path):
     """Two identical jobs in one sweep (Hydra's basic launcher runs them in one process) give the same result."""
-    cmd = [sys.executable, "-m", "physppl.inference.app", "-m", *TINY, "data.half_datasets=false",
+    cmd = [sys.executable, "-m", "physppl.cli", "-m", *TINY, "data.half_datasets=false",
            "log_likelihood=false", "seed=0,0", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Tests for physppl.inference.io.mtz: readers, validators, partials and writing."""
+"""Tests for physppl.io.mtz: readers, validators, partials and writing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import reciprocalspaceship as rs
 
-from physppl.inference.io.mtz import (
+from physppl.io.mtz import (
     MTZInputError,
     read_merged_mtz,
     read_unmerged_mtz,

@@ -8,7 +8,7 @@ from scipy import stats
 from physppl.inference.npe import (AmortizedPosterior, NPETrainer, SBIPlan, TruncatedSequentialNPE, VariationalFocus,
                                    importance_diagnostics, load_posterior, truncation_box)
 from physppl.inference.svi import TrainingDivergedError
-from physppl.models.components.flows import ConditionalBoxFlow
+from physppl.inference.flows import ConditionalBoxFlow
 
 LOW, HIGH = torch.zeros(2), torch.ones(2)
 NOISE = 0.05

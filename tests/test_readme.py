@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from physppl.experiments.merging.quality import true_amplitudes
+from physppl.merging.quality import true_amplitudes
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -5,7 +5,7 @@ Slow (about a minute per merge on one CPU thread): run with ``pytest -m slow``.
 import pytest
 from hydra import compose, initialize_config_module
 
-from physppl.inference.app import run
+from physppl.cli import run
 
 pytestmark = pytest.mark.slow
 

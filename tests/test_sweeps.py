@@ -30,7 +30,7 @@ REPORT_COLUMNS = {"run", "status", "model.likelihood", "guide", "objective", "ob
 
 def _physppl(*args, timeout=600, check=True):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from physppl.inference.app import main; main()", *args],
+    proc = subprocess.run([sys.executable, "-c", "from physppl.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -178,7 +178,7 @@ def test_objective_value_names_the_metrics_when_the_objective_is_missing():
 def _fake_run(path, overrides, metrics=None, losses=None):
     (path / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(overrides), path / ".hydra" / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"task": "physppl.experiments.toy.pipeline.run", "objective": "score",
+    OmegaConf.save(OmegaConf.create({"task": "physppl.toy.pipeline.run", "objective": "score",
                                      "objective_direction": "minimize", "report_metrics": ["score", "other"],
                                      "seed": 0}), path / ".hydra" / "config.yaml")
     if metrics is not None:

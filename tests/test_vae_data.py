@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from physppl.experiments.vae.data import ArrayDataSource, DigitsDataSource, IsingDataSource, cache_dir, split_indices
-from physppl.inference.io.arrays import load_array
+from physppl.vae.data import ArrayDataSource, DigitsDataSource, IsingDataSource, cache_dir, split_indices
+from physppl.io.arrays import load_array
 
 REPO = Path(__file__).resolve().parents[1]
 

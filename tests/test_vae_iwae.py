@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from physppl.experiments.vae.training import amortization_gap
+from physppl.vae.training import amortization_gap
 from physppl.guides.vae import MeanFieldLatentGuide, VAEGuide
 from physppl.inference.iwae import importance_estimate, importance_log_weights
 from physppl.models.vae import VAEModel

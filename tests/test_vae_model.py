@@ -10,7 +10,7 @@ import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
-from physppl.experiments.vae.torch_baseline import TorchVAE
+from physppl.vae.torch_baseline import TorchVAE
 from physppl.guides.vae import MeanFieldLatentGuide, VAEGuide
 from physppl.inference.iwae import importance_log_weights
 from physppl.models.vae import VAEModel, check_support

@@ -13,9 +13,9 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from physppl.experiments.vae import training
-from physppl.experiments.vae.pipeline import build
-from physppl.inference.app import run as app_run
+from physppl.vae import training
+from physppl.vae.pipeline import build
+from physppl.cli import run as app_run
 from physppl.inference.device import resolve_device
 from physppl.inference.svi import TrainingDivergedError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_module
 
-from physppl.inference.app import run as app_run
+from physppl.cli import run as app_run
 from physppl.models.simulators.ising import T_C
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from physppl.inference.io.scans import read_scans
+from physppl.io.scans import read_scans
 from physppl.inference.outputs import atomic_write
 from physppl.models.beam import KnifeEdgeBeamModel
 
@@ -102,7 +102,7 @@ class BeamDataSource:
     ----------
     observed : path, optional
         Observed scans (``.npy`` of shape (200,) or (n, 200), or ``.csv``; see
-        :mod:`physppl.inference.io.scans`). ``None``: ``n_observations`` scans simulated from the prior with
+        :mod:`physppl.io.scans`). ``None``: ``n_observations`` scans simulated from the prior with
         ``observation_seed`` (fixed test observations with known truth).
     n_simulations : int
         Simulation budget of the amortized posterior (pairs drawn from the prior).

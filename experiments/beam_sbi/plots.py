@@ -4,21 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from physppl.inference.outputs import atomic_write  # noqa: E402
+from physppl.inference.plots import plt, save_figure
 
 __all__ = ["plot_pair", "plot_predictive", "plot_sbc", "plot_coverage", "plot_training"]
-
-
-def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
 
 
 def plot_pair(draws: np.ndarray, names: Sequence[str], path: Path, truth: np.ndarray | None = None,
@@ -54,7 +45,7 @@ def plot_pair(draws: np.ndarray, names: Sequence[str], path: Path, truth: np.nda
         axes[0, 0].legend(fontsize=6, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_predictive(x_obs: np.ndarray, predictive: np.ndarray, positions: np.ndarray, path: Path,
@@ -81,7 +72,7 @@ def plot_predictive(x_obs: np.ndarray, predictive: np.ndarray, positions: np.nda
     axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sbc(ranks: np.ndarray, n_draws: int, names: Sequence[str], path: Path, ks_p: np.ndarray | None = None,
@@ -104,7 +95,7 @@ def plot_sbc(ranks: np.ndarray, n_draws: int, names: Sequence[str], path: Path, 
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=6)
     fig.suptitle(f"SBC ranks over {n} prior draws ({n_draws} posterior draws each)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_coverage(coverage: dict[float, np.ndarray], names: Sequence[str], path: Path, n: int) -> None:
@@ -121,7 +112,7 @@ def plot_coverage(coverage: dict[float, np.ndarray], names: Sequence[str], path:
     ax.set_ylabel("empirical coverage")
     ax.legend(fontsize=7)
     ax.set_title(f"central-interval coverage ({n} simulations)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_training(train: Sequence[float], val: Sequence[float], path: Path, focus: dict[int, Sequence[float]] | None = None) -> None:
@@ -144,4 +135,4 @@ def plot_training(train: Sequence[float], val: Sequence[float], path: Path, focu
         ax.set_xlabel("step")
         ax.set_ylabel("negative ELBO")
         ax.set_title("focused fits", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 import torch
 
-from physppl.experiments.beam_sbi.data import SimulationCache, fixed_observations
-from physppl.experiments.beam_sbi.reference import reference_draws
+from physppl.beam_sbi.data import SimulationCache, fixed_observations
+from physppl.beam_sbi.reference import reference_draws
 from physppl.guides.beam import knife_edge_flow
 from physppl.inference.calibration import c2st
 from physppl.inference.npe import NPETrainer, VariationalFocus

@@ -129,10 +129,10 @@ def accuracy_table(structure: str | None, n_frames: int, dmin: float, steps: int
     import pyro
     from pyro.infer import Trace_ELBO
 
-    from physppl.experiments.md_weights import analysis
-    from physppl.experiments.md_weights.cc_fit import fit_pearson_cc
-    from physppl.experiments.md_weights.data import MDWeightsDataSource
-    from physppl.experiments.md_weights.pipeline import build_guide, build_model, fit
+    from physppl.md_weights import analysis
+    from physppl.md_weights.cc_fit import fit_pearson_cc
+    from physppl.md_weights.data import MDWeightsDataSource
+    from physppl.md_weights.pipeline import build_guide, build_model, fit
     from physppl.guides.md_weights import DirichletFrameGuide
     from physppl.inference.optim import clipped_adam
     from physppl.inference.svi import SVIEngine

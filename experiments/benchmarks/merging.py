@@ -50,7 +50,7 @@ def _timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, int]:
 
 def _physppl(name: str, overrides: list[str], unmerged: Path, ref: Path, out: Path, env: dict) -> dict:
     run_dir = out / name
-    cmd = [sys.executable, "-m", "physppl.inference.app", f"data.path={unmerged}", f"data.reference={ref}",
+    cmd = [sys.executable, "-m", "physppl.cli", f"data.path={unmerged}", f"data.reference={ref}",
            f"hydra.run.dir={run_dir}", "inference.progress=false", *overrides]
     wall, peak, rc = _timed(cmd, out / f"{name}.log", env)
     if rc != 0:
@@ -77,8 +77,8 @@ def _careless(unmerged: Path, ref: Path, out: Path, env: dict, iterations: int, 
     """careless mono with settings comparable to physppl's default: anomalous, Student-t, same metadata."""
     import reciprocalspaceship as rs
 
-    from physppl.experiments.merging.quality import pearson
-    from physppl.inference.io.mtz import read_merged_mtz
+    from physppl.merging.quality import pearson
+    from physppl.io.mtz import read_merged_mtz
 
     run_dir = out / "careless"
     run_dir.mkdir(parents=True, exist_ok=True)

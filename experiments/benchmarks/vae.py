@@ -31,8 +31,8 @@ import pyro
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
 
-from physppl.experiments.vae.data import DigitsDataSource, IsingDataSource
-from physppl.experiments.vae.torch_baseline import TorchVAE
+from physppl.vae.data import DigitsDataSource, IsingDataSource
+from physppl.vae.torch_baseline import TorchVAE
 from physppl.guides.vae import VAEGuide
 from physppl.inference.iwae import importance_log_weights
 from physppl.inference.optim import clipped_adam

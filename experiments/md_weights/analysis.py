@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from physppl.experiments.merging.quality import cc_by_resolution, pearson
+from physppl.merging.quality import cc_by_resolution, pearson
 from physppl.models.md_weights import diffuse_intensity
 
 __all__ = ["state_masses", "frame_table", "state_table", "predicted_intensities", "effective_frames_summary",

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from physppl.inference.io.frames import (FrameInputError, ObservedTable, read_frames, read_labels, read_observed,
+from physppl.io.frames import (FrameInputError, ObservedTable, read_frames, read_labels, read_observed,
                                          write_frames)
+from physppl.inference.presets import signature_defaults
 from physppl.models.components.wilson import resolution_shells
 from physppl.models.md_weights import FrameFactors
 from physppl.models.simulators.md_frames import (FrameSet, asu_index, simulate_frames, simulate_observed,
@@ -190,7 +191,7 @@ class MDWeightsDataSource:
     Parameters
     ----------
     frames : path, optional
-        Folder of per-frame MTZ files, or a stacked .npz/.npy/.h5 (see :mod:`physppl.inference.io.frames`);
+        Folder of per-frame MTZ files, or a stacked .npz/.npy/.h5 (see :mod:`physppl.io.frames`);
         ``None`` simulates the built-in example (``simulate``).
     observed : path, optional
         MTZ of observed diffuse intensities (with sigmas, or without: then the noise is learned per shell).
@@ -260,7 +261,8 @@ class MDWeightsDataSource:
         return frames, kind, diffuse, bragg, None
 
     def _simulated(self):
-        settings = dict(self.simulate)
+        # every setting, given or default, keys the cache: the same simulation has one key however it was asked for
+        settings = {**signature_defaults(simulate_example), **self.simulate}
         progress = bool(settings.pop("progress", False))
         path = _cache_path(self.cache_dir, settings) if settings.get("structure") else None
         if path is not None and path.exists():
@@ -392,7 +394,7 @@ class MDWeightsDataSource:
 
     def write(self, frames: FrameSet, diffuse: ObservedTable, bragg: ObservedTable | None, folder) -> dict:
         """Write a (simulated) example as user files: frames.npz, diffuse.mtz, bragg.mtz."""
-        from physppl.inference.io.frames import write_intensity_mtz
+        from physppl.io.frames import write_intensity_mtz
 
         folder = pathlib.Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from physppl.inference.io.frames import write_frames, write_intensity_mtz
+from physppl.io.frames import write_frames, write_intensity_mtz
 from physppl.inference.outputs import atomic_write, write_json
 
 from .data import simulate_example
@@ -47,7 +47,7 @@ def _write_mtz_folder(folder: pathlib.Path, frames) -> None:
 
 
 def write_example(out: str | pathlib.Path, fmt: str = "npz", **settings) -> dict:
-    """Simulate (``settings`` as :func:`~physppl.experiments.md_weights.data.simulate_example`) and write files;
+    """Simulate (``settings`` as :func:`~physppl.md_weights.data.simulate_example`) and write files;
     returns their paths under the data config's names (frames, observed, bragg)."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from physppl.experiments.merging.plots import plt, save_figure
+from physppl.inference.plots import plt, save_figure
 
 __all__ = ["plot_weights", "plot_states", "plot_fit_by_shell", "plot_cc_shells"]
 

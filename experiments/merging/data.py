@@ -4,17 +4,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import reciprocalspaceship as rs
 import torch
 
-from physppl.inference.io.mtz import MTZInputError, read_unmerged_mtz
-from physppl.inference.weighted_mean import ScaledWeightedMean, weighted_mean
+from physppl.io.mtz import MTZInputError, read_unmerged_mtz
 from physppl.models.components.wilson import wilson_sigma_by_resolution
 from physppl.models.simulators.merging import simulate_unmerged
+
+from .french_wilson import french_wilson_moments
+from .weighted_mean import ScaledWeightedMean, weighted_mean
 
 __all__ = ["MergingData", "prepare", "MergingDataSource", "french_wilson", "initial_estimates", "METADATA_CHOICES"]
 
@@ -187,32 +189,13 @@ def prepare(
 
 
 def french_wilson(data: MergingData, mean: np.ndarray, sd: np.ndarray) -> pd.DataFrame:
-    """French-Wilson amplitudes from merged intensities in ``data``'s reflection order, under the model's prior.
-
-    Uses reciprocalspaceship's French-Wilson quadrature with ``Sigma = epsilon * Sigma_N(d)`` from ``data``, so the
-    estimates share the merging model's Wilson prior; rs's public ``scale_merged_intensities`` estimates Sigma with
-    an N x 2000 kernel matrix (1 GB for the 22k reflections of the gamma data set, measured) and is the fallback
-    only. Returns a frame with columns F, SIGF, I, SIGI (posterior means and sds), NaN-free.
+    """French-Wilson amplitudes from merged intensities in ``data``'s reflection order, under the model's prior
+    ``Sigma = epsilon * Sigma_N(d)`` (so the estimates share the merging model's Wilson prior; see
+    :mod:`physppl.merging.french_wilson`). Returns a frame with columns F, SIGF, I, SIGI (posterior means and sds).
     """
     sigma = (data.epsilon * data.sigma_n).numpy().astype(float)
-    centric = data.centric.numpy()
-    try:
-        from reciprocalspaceship.algorithms.scale_merged_intensities import _french_wilson_posterior_quad
-    except ImportError:  # a future rs without the helper: the public function (more memory, its own Sigma)
-        return _french_wilson_public(data, mean, sd)
-    i_mean, i_sd, f_mean, f_sd = _french_wilson_posterior_quad(np.asarray(mean, float), np.asarray(sd, float), sigma, centric)
-    return pd.DataFrame({"F": f_mean, "SIGF": f_sd, "I": i_mean, "SIGI": i_sd})
-
-
-def _french_wilson_public(data: MergingData, mean: np.ndarray, sd: np.ndarray) -> pd.DataFrame:
-    sign = np.where(data.friedel == 0, 1, data.friedel)[:, None]
-    hkl = data.hkl * sign  # Friedel minus written as -h-k-l so every row has its own index
-    ds = rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "I": mean, "SIGI": sd},
-                    spacegroup=data.spacegroup, cell=data.cell, merged=True).infer_mtz_dtypes()
-    ds[["H", "K", "L"]] = ds[["H", "K", "L"]].astype("HKL")
-    out = rs.algorithms.scale_merged_intensities(ds.set_index(["H", "K", "L"]), "I", "SIGI", dropna=False)
-    return pd.DataFrame({"F": out["FW-F"].to_numpy(float), "SIGF": out["FW-SIGF"].to_numpy(float),
-                         "I": out["FW-I"].to_numpy(float), "SIGI": out["FW-SIGI"].to_numpy(float)})
+    out = french_wilson_moments(mean, sd, sigma, data.centric.numpy())
+    return pd.DataFrame(out)
 
 
 def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = None) -> pd.DataFrame:
@@ -236,8 +219,10 @@ def initial_estimates(data: MergingData, merger: ScaledWeightedMean | None = Non
 class MergingDataSource:
     """Where the unmerged data come from: an MTZ file, or (``path: null``) the built-in simulator.
 
-    Parameters mirror :func:`read_unmerged_mtz` and :func:`prepare`; ``simulate`` holds keyword arguments
-    of :func:`simulate_unmerged`.
+    Parameters mirror :func:`read_unmerged_mtz` and :func:`prepare`. ``simulate``: keyword arguments of
+    :func:`simulate_unmerged`, or a function returning ``(unmerged, truth)`` (the command line's
+    ``data.simulate``); ``half_datasets``: also merge random halves of the images (CC1/2, CCanom); ``reference``:
+    a merged MTZ to compare with.
     """
 
     def __init__(
@@ -251,7 +236,7 @@ class MergingDataSource:
         dmin: float | None = None,
         half_datasets: bool = True,
         reference: str | None = None,
-        simulate: dict | None = None,
+        simulate: dict | Callable | None = None,
     ):
         self.path = None if path in (None, "") else os.path.abspath(os.path.expanduser(str(path)))
         self.columns = dict(columns or {})
@@ -262,12 +247,12 @@ class MergingDataSource:
         self.dmin = dmin
         self.half_datasets = bool(half_datasets)
         self.reference = None if reference in (None, "") else os.path.abspath(os.path.expanduser(str(reference)))
-        self.simulate = dict(simulate or {})
+        self.simulate = simulate if callable(simulate) else dict(simulate or {})
 
     def load(self) -> tuple[rs.DataSet, rs.DataSet | None]:
         """The validated unmerged DataSet, and the ground truth when simulated (else None)."""
         if self.path is None:
-            return simulate_unmerged(**self.simulate)
+            return self.simulate() if callable(self.simulate) else simulate_unmerged(**self.simulate)
         ds = read_unmerged_mtz(
             self.path, intensity=self.columns.get("intensity"), sigma=self.columns.get("sigma"),
             batch=self.columns.get("batch"), partials=self.partials, drop_bad_sigma=self.drop_bad_sigma,

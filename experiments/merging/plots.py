@@ -10,25 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from physppl.inference.outputs import atomic_write  # noqa: E402
+from physppl.inference.plots import save_figure  # noqa: E402
 
-__all__ = ["save_figure", "plot_loss", "plot_cc_shells", "plot_scales", "plot_wilson", "plot_comparison"]
-
-
-def save_figure(fig, path: Path) -> Path:
-    out = atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
-    plt.close(fig)
-    return out
-
-
-def plot_loss(losses: list[float], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (-ELBO)")
-    ax.set_yscale("symlog")
-    ax.set_title("SVI convergence")
-    return save_figure(fig, path)
+__all__ = ["plot_cc_shells", "plot_scales", "plot_wilson", "plot_comparison"]
 
 
 def plot_cc_shells(shells: pd.DataFrame, path: Path) -> Path:
@@ -52,9 +36,11 @@ def plot_scales(batch: np.ndarray, image_scale: np.ndarray, inv_d2: np.ndarray, 
     axes[0].plot(batch, image_scale, lw=0.8)
     axes[0].set_xlabel("image (BATCH)")
     axes[0].set_ylabel("mean scale")
-    axes[1].plot(1.0 / np.sqrt(inv_d2), obs_scale, ",", alpha=0.3)
-    axes[1].set_xscale("log")
-    axes[1].invert_xaxis()
+    axes[1].plot(inv_d2, obs_scale, ",", alpha=0.3)
+    # 1/d^2 on the axis (a Wilson plot's abscissa), labelled by d in A
+    ticks = np.quantile(inv_d2, [0.02, 0.35, 0.65, 0.98])
+    axes[1].set_xticks(ticks)
+    axes[1].set_xticklabels([f"{1 / np.sqrt(t):.2f}" for t in ticks])
     axes[1].set_xlabel("d (A)")
     axes[1].set_ylabel("scale per observation")
     fig.suptitle("learned scale")
@@ -62,6 +48,7 @@ def plot_scales(batch: np.ndarray, image_scale: np.ndarray, inv_d2: np.ndarray, 
 
 
 def plot_wilson(dhkl: np.ndarray, intensity: np.ndarray, epsilon: np.ndarray, sigma_n: np.ndarray, path: Path) -> Path:
+    """Mean merged intensity per resolution shell against the prior's Sigma_N (both in the file's units)."""
     s2 = 1.0 / np.square(dhkl)
     order = np.argsort(s2)
     bins = np.array_split(order, 20)
@@ -77,8 +64,18 @@ def plot_wilson(dhkl: np.ndarray, intensity: np.ndarray, epsilon: np.ndarray, si
 
 
 def plot_comparison(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Scatter on linear axes (negative intensities stay where they are) with y = x and the CC."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.loglog(np.clip(x, 1e-6, None), np.clip(y, 1e-6, None), ".", ms=1, alpha=0.4)
+    ax.plot(x[ok], y[ok], ".", ms=1, alpha=0.4)
+    lo, hi = np.quantile(np.concatenate([x[ok], y[ok]]), [0.0, 0.999]) if ok.any() else (0.0, 1.0)
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.6, label="y = x")
+    cc = np.corrcoef(x[ok], y[ok])[0, 1] if ok.sum() > 2 else np.nan
+    ax.set_title(f"CC = {cc:.4f} ({ok.sum()} reflections)", fontsize=9)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.legend(loc="upper left", fontsize=7)
     return save_figure(fig, path)

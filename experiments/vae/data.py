@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from physppl.inference.io.arrays import load_array
+from physppl.io.arrays import load_array
 from physppl.inference.outputs import atomic_write
 from physppl.models.simulators.ising import T_C, sample_ising
 

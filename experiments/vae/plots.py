@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from physppl.experiments.merging.plots import save_figure  # noqa: E402
+from physppl.inference.plots import save_figure  # noqa: E402
 
 __all__ = ["plot_loss", "plot_image_grid", "plot_reconstructions", "plot_latent", "plot_phase", "latent_2d"]
 

@@ -11,17 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
 from physppl.guides.vae import MeanFieldLatentGuide
 from physppl.inference.iwae import importance_log_weights
-from physppl.inference.optim import clipped_adam
+from physppl.inference.optim import ClippedAdam
 from physppl.inference.outputs import atomic_write, write_json
 from physppl.inference.svi import SVIEngine, TrainingDivergedError
-from physppl.models.vae import synced_module
 
 __all__ = ["HeldOutMonitor", "FitResult", "fit_vae", "heldout_elbo", "amortization_gap"]
 
@@ -34,8 +31,13 @@ def heldout_elbo(model, guide, x: torch.Tensor, num_particles: int = 1, batch_si
     return float(logw.mean())
 
 
-def _param_state() -> dict:
-    return copy.deepcopy(pyro.get_param_store().get_state())
+def _param_state(model, guide) -> dict:
+    return {"model": copy.deepcopy(model.state_dict()), "guide": copy.deepcopy(guide.state_dict())}
+
+
+def _restore(model, guide, state: dict) -> None:
+    model.load_state_dict(state["model"])
+    guide.load_state_dict(state["guide"])
 
 
 class HeldOutMonitor:
@@ -94,7 +96,7 @@ class HeldOutMonitor:
         improved = elbo > self.best + self.min_delta
         if improved:
             self.best, self.best_step = elbo, step
-            self.best_state = _param_state()
+            self.best_state = _param_state(self.model, self.guide)
             if self.workdir is not None:
                 atomic_write(self.workdir / "best_params.pt", lambda p: torch.save(self.best_state, p))
         if self.workdir is not None:
@@ -142,9 +144,9 @@ def fit_vae(model, guide, x_train: torch.Tensor, x_val: torch.Tensor, engine: SV
     monitor = HeldOutMonitor(model, guide, x_val, every=eval_every_epochs * steps_per_epoch, patience=patience,
                              min_delta=min_delta, num_particles=eval_particles, n_train=n, workdir=workdir,
                              resume=engine.resume)
-    result = engine.run(model, guide, n_data=n, workdir=workdir, callback=monitor, x=x_train)
+    result = engine.run(model, guide, {"x": x_train}, n_data=n, workdir=workdir, callback=monitor)
     if restore_best and monitor.best_state is not None:
-        pyro.get_param_store().set_state(monitor.best_state)  # networks re-read the store on their next call
+        _restore(model, guide, monitor.best_state)
     trained = max(1, result.steps - result.resumed_from)
     return FitResult(losses=[l / n for l in result.losses], history=monitor.history, steps=result.steps,
                      stop_reason=result.stop_reason, train_time=result.wall_time,
@@ -167,28 +169,28 @@ def amortization_gap(model, guide, x: torch.Tensor, steps: int = 500, lr: float 
     n = int(x.shape[0])
     elbo_amortized = heldout_elbo(model, guide, x, particles)
     with torch.no_grad():
-        loc, scale, _ = synced_module(guide, "encoder")(x)
-    store = pyro.get_param_store()
-    before = set(store.keys())
-    mf = MeanFieldLatentGuide(loc, scale, name="amortization_gap")
-    fixed_model = poutine.block(model, hide_types=["param"])  # only the per-sample guide parameters move
+        loc, scale, _ = guide.encoder(x)
+    mf = MeanFieldLatentGuide(loc, scale).to(loc.device)
+    # only the per-sample guide parameters move: the decoder's are frozen for this fit and restored after
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     # the optimum is sharp (posterior sds can be << 1): average a few draws per step and decay the rate 10x
-    engine = SVIEngine(optim=clipped_adam(lr=lr, lrd=0.1 ** (1.0 / max(1, steps)), clip_norm=1e10),
+    engine = SVIEngine(optim=ClippedAdam(lr=lr, lrd=0.1 ** (1.0 / max(1, steps)), clip_norm=1e10),
                        loss=TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True),
-                       max_steps=steps, min_steps=steps + 1, batch_size=None, progress=progress)
+                       max_steps=steps, min_steps=steps + 1, batch_size=None, checkpoint_every=0, progress=progress)
     t0 = time.perf_counter()
-    engine.run(fixed_model, mf, n_data=n, x=x)
-    elbo_mf = heldout_elbo(fixed_model, mf, x, particles)
+    try:
+        engine.run(model, mf, {"x": x}, n_data=n)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    elbo_mf = heldout_elbo(model, mf, x, particles)
     out = {}
     if iwae_particles:
-        logw = importance_log_weights(fixed_model, mf, n, iwae_particles, {"x": x}, batch_size=16)
+        logw = importance_log_weights(model, mf, n, iwae_particles, {"x": x}, batch_size=16)
         iwae = torch.logsumexp(logw, 0) - math.log(iwae_particles)
         out = {"iwae_meanfield": float(iwae.mean()), "approximation_gap": float(iwae.mean()) - elbo_mf}
-    # leave the store as we found it: drop the per-sample parameters and the decoder gradients they caused
-    for name in set(store.keys()) - before:
-        del store[name]
-    for p in model.parameters():
-        p.grad = None
     return {"n": n, "elbo_amortized": elbo_amortized, "elbo_meanfield": elbo_mf,
             "amortization_gap": elbo_mf - elbo_amortized, "meanfield_steps": steps,
             "meanfield_time": time.perf_counter() - t0, **out}

@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 import pyro
 import torch
 from pyro.nn import PyroModule, PyroParam
-from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 __all__ = ["MLPScale", "ImageScale", "BFactorScale", "FixedScale", "CompositeScale", "initialize_scale"]
@@ -47,8 +46,7 @@ class MLPScale(PyroModule):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         layers.append(last)
-        self.net = nn.Sequential(*layers)
-        to_pyro_module_(self.net)
+        self.net = nn.Sequential(*layers)  # a plain torch child: its parameters are the module's
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor, inv_d2: torch.Tensor) -> torch.Tensor:
         return self.net(metadata).squeeze(-1)
@@ -68,7 +66,7 @@ class ImageScale(PyroModule):
         self,
         n_images: int,
         n_features: int | None = None,
-        smoothness: float = 0.05,
+        smoothness: float = 0.01,
         b_factor: bool = False,
         b_smoothness: float = 0.5,
         block_size: int = 1,

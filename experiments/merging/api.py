@@ -1,0 +1,346 @@
+"""``physppl.merge``: unmerged intensities in, merged amplitudes with posteriors out.
+
+The command line (``physppl +experiment=merging``) calls :func:`task`, which calls :func:`merge` with the
+configuration's values, so Python and the command line run the same code with the same defaults.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyro
+import reciprocalspaceship as rs
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from physppl.inference.convert import Rescale, summarize, to_inference_data
+from physppl.inference.fit import Fit, ProtocolError, fit as fit_model
+from physppl.inference.runner import Job, JobSettings, Result
+from physppl.io.mtz import read_merged_mtz, read_unmerged_mtz  # noqa: F401  (re-exported for users)
+from physppl.io.mtz import mtz_writer
+from physppl.models.merging import MergingModel
+from physppl.models.components.scale import initialize_scale
+
+from . import plots
+from .data import MergingData, MergingDataSource, initial_estimates
+from .parts import check_parts, resolve_engine, resolve_error_model, resolve_guide, resolve_likelihood, resolve_scale
+from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitudes, truth_metrics
+
+__all__ = ["merge", "MergeResult", "task", "to_merged_mtz", "OUTPUT_FILES", "refl_coordinates"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "losses.csv",
+                "checkpoint.pt", "checkpoint_halves.pt")
+
+
+@dataclass(repr=False)
+class MergeResult(Result):
+    """:class:`~physppl.inference.runner.Result` of a merge, with
+
+    Attributes
+    ----------
+    mtz : rs.DataSet
+        What ``merged.mtz`` holds: F, SIGF, I, SIGI, N per unique reflection (and the (+)/(-) columns in
+        anomalous mode), in the file's units.
+    table : DataFrame
+        One row per reflection of the model (Friedel mates apart in anomalous mode): H, K, L, friedel, dHKL, F,
+        SIGF, I, SIGI, N.
+    cc_half : DataFrame or None
+        CC1/2 (and CCanom) by resolution shell, from merging random halves of the images.
+    data : MergingData
+        The observations as the model saw them (normalised by ``data.norm``).
+    fit : Fit
+        The engine's fit (draws in the model's units, losses, diagnostics).
+    """
+
+    mtz: Any = None
+    table: pd.DataFrame | None = None
+    cc_half: pd.DataFrame | None = None
+    data: MergingData | None = None
+    fit: Fit | None = None
+
+
+def refl_coordinates(data: MergingData) -> tuple[dict, dict]:
+    """Coordinates of dim ``refl``: its index is the Miller index as text (``"0 0 8"``, ``"1 2 3 (+)"`` for a
+    Friedel mate), so ``az.summary`` rows and ``idata.posterior.F.sel(refl="0 0 8")`` name reflections; H, K, L,
+    friedel and dHKL are coordinates beside it. Dim ``obs``: the observation's row."""
+    sign = {1: " (+)", -1: " (-)", 0: ""}
+    names = np.array([f"{h} {k} {l}{sign[int(f)]}" for (h, k, l), f in zip(data.hkl, data.friedel)])
+    coords = {"refl": names, "obs": np.arange(data.n_obs)}
+    extra = {"refl": {"H": data.hkl[:, 0], "K": data.hkl[:, 1], "L": data.hkl[:, 2], "friedel": data.friedel,
+                      "dHKL": data.dhkl}}
+    return coords, extra
+
+
+def to_merged_mtz(table: pd.DataFrame, data: MergingData) -> rs.DataSet:
+    """Merged DataSet: F, SIGF, I, SIGI, N (Friedel-averaged) and, in anomalous mode, the (+)/(-) columns."""
+    key = ["H", "K", "L"]
+    cols = ["F", "SIGF", "I", "SIGI", "N"]
+    if data.anomalous:
+        plus = table[table["friedel"] >= 0].set_index(key)[cols + ["dHKL"]]
+        minus = table[table["friedel"] <= 0].set_index(key)[cols]
+        wide = plus.join(minus, how="outer", lsuffix="(+)", rsuffix="(-)")
+        both = wide["F(+)"].notna() & wide["F(-)"].notna()
+        out = pd.DataFrame(index=wide.index)
+        for v, s in (("F", "SIGF"), ("I", "SIGI")):
+            mean = wide[[f"{v}(+)", f"{v}(-)"]].mean(axis=1)
+            sd_both = 0.5 * np.sqrt(wide[f"{s}(+)"] ** 2 + wide[f"{s}(-)"] ** 2)
+            sd_one = wide[f"{s}(+)"].fillna(wide[f"{s}(-)"])
+            out[v], out[s] = mean, np.where(both, sd_both, sd_one)
+        out["N"] = wide["N(+)"].fillna(0) + wide["N(-)"].fillna(0)
+        centric_rows = table[table["friedel"] == 0].set_index(key).index
+        out.loc[out.index.isin(centric_rows), "N"] = wide.loc[wide.index.isin(centric_rows), "N(+)"]
+        for c in ("F", "SIGF", "I", "SIGI", "N"):
+            out[f"{c}(+)"] = wide[f"{c}(+)"]
+            out[f"{c}(-)"] = wide[f"{c}(-)"]
+    else:
+        out = table.set_index(key)[cols]
+    ds = rs.DataSet(out.reset_index(), spacegroup=data.spacegroup, cell=data.cell, merged=True)
+    types = {"H": "HKL", "K": "HKL", "L": "HKL", "F": "SFAmplitude", "SIGF": "Stddev", "I": "Intensity",
+             "SIGI": "Stddev", "N": "MTZInt"}
+    if data.anomalous:
+        types.update({"F(+)": "FriedelSFAmplitude", "F(-)": "FriedelSFAmplitude", "SIGF(+)": "StddevFriedelSF",
+                      "SIGF(-)": "StddevFriedelSF", "I(+)": "FriedelIntensity", "I(-)": "FriedelIntensity",
+                      "SIGI(+)": "StddevFriedelI", "SIGI(-)": "StddevFriedelI", "N(+)": "MTZInt", "N(-)": "MTZInt"})
+        for c in ("N(+)", "N(-)"):
+            ds[c] = ds[c].fillna(0)
+    ds["N"] = ds["N"].fillna(0)
+    return ds.astype(types).set_index(key)
+
+
+def _moments_from_draws(draws: torch.Tensor) -> dict[str, np.ndarray]:
+    f = draws.reshape(-1, draws.shape[-1]).double().cpu()
+    i = f.square()
+    return {"F_mean": f.mean(0).numpy(), "F_sd": f.std(0).numpy(), "I_mean": i.mean(0).numpy(),
+            "I_sd": i.std(0).numpy()}
+
+
+def _source(data, options: dict) -> tuple[MergingDataSource, rs.DataSet | None]:
+    """Where the data come from, and the DataSet itself when the caller passed one."""
+    if isinstance(data, MergingDataSource):
+        if options:
+            raise TypeError(f"merge: data is a MergingDataSource; set {sorted(options)} on it, not as keywords")
+        return data, None
+    if data is not None and not isinstance(data, (str, os.PathLike, rs.DataSet)):
+        raise TypeError(f"merge: data must be an MTZ path, an unmerged rs.DataSet, a MergingDataSource or None "
+                        f"(the built-in simulated data set); got {type(data).__name__}")
+    try:
+        source = MergingDataSource(path=None if isinstance(data, rs.DataSet) else data, **options)
+    except TypeError as err:
+        raise TypeError(f"merge: {err}") from None
+    return source, (data if isinstance(data, rs.DataSet) else None)
+
+
+class _Merger:
+    """One fit of the merging model on one MergingData (the full data, or the half datasets)."""
+
+    def __init__(self, model: Callable, scale, likelihood, error_model, guide, engine, device: torch.device):
+        self.model_factory, self.scale, self.likelihood, self.error_model = model, scale, likelihood, error_model
+        self.guide_factory, self.engine, self.device = guide, engine, device
+
+    def build(self, data: MergingData, init: pd.DataFrame) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+        scale = copy.deepcopy(self.scale) if isinstance(self.scale, torch.nn.Module) else self.scale
+        model = self.model_factory(**data.model_init(), scale=scale, likelihood=self.likelihood,
+                                   error_model=copy.deepcopy(self.error_model))
+        if not isinstance(model, torch.nn.Module):
+            raise ProtocolError(f"merge: model {type(model).__name__} is not an nn.Module (see "
+                            "physppl.models.merging.MergingModelProtocol)")
+        if getattr(model, "scale", None) is not None:  # start from the conventional scaling, as the guide does
+            initialize_scale(model.scale, data.image, torch.as_tensor(init.attrs["obs_log_scale"]))
+        model.to(self.device)
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in data.model_kwargs().items()}
+        check_parts(model, kwargs)
+        guide = None
+        if getattr(self.engine, "needs_guide", True):
+            guide = self.guide_factory
+            if not isinstance(guide, torch.nn.Module):
+                guide = guide(init_mean=init["F"].to_numpy(), init_sd=init["SIGF"].to_numpy())
+            guide.to(self.device)
+        return model, guide, kwargs
+
+    def run(self, data: MergingData, n_draws: int, workdir, engine=None) -> tuple[Fit, dict, np.ndarray | None]:
+        """(fit, moments per reflection in the model's units, per-observation log-scale or None)."""
+        engine = engine or self.engine
+        init = initial_estimates(data)
+        model, guide, kwargs = self.build(data, init)
+        fit = fit_model(model, guide, kwargs, engine, n_draws=n_draws, n_data=data.n_obs, sites=["F"], workdir=workdir)
+        if "moments" in fit.extras:
+            moments = fit.extras["moments"]
+        elif guide is not None and callable(getattr(guide, "moments", None)):
+            moments = {k: v.detach().double().cpu().numpy() for k, v in guide.moments().items()}
+        else:
+            moments = _moments_from_draws(fit.draws["F"])
+        log_scale = fit.extras.get("obs_log_scale")
+        if log_scale is None and getattr(model, "scale", None) is not None:
+            with torch.no_grad(), pyro.poutine.block():  # block: the scale's smoothness factor is no observation
+                log_scale = model.scale(kwargs["image"], kwargs["metadata"], kwargs["inv_d2"]).cpu().numpy()
+        return fit, moments, log_scale
+
+
+def _halves_engine(engine, workdir):
+    """The engine for the half-dataset fit: its own checkpoint (its parameters have other shapes), resumed only if
+    an earlier run got that far (a run interrupted in the main fit has no half-dataset checkpoint yet)."""
+    if not hasattr(engine, "checkpoint_path"):
+        return engine
+    halves = copy.copy(engine)
+    main = engine.checkpoint_path
+    if main is not None:
+        halves.checkpoint_path = main.with_name(main.stem + "_halves.pt")
+    elif workdir is not None:
+        halves.checkpoint_path = Path(workdir) / "checkpoint_halves.pt"
+    halves.resume = bool(getattr(engine, "resume", False)) and halves.checkpoint_path is not None \
+        and halves.checkpoint_path.exists()
+    return halves
+
+
+def merge(
+    data: str | os.PathLike | rs.DataSet | MergingDataSource | None = None,
+    *,
+    model: Callable[..., torch.nn.Module] = MergingModel,
+    scale: Any = "mlp_image",
+    likelihood: Any = "student_t",
+    error_model: Any = "sdfac_sdadd",
+    guide: Any = "folded_normal",
+    engine: Any = "svi",
+    n_draws: int = 200,
+    log_likelihood: bool = True,
+    seed: int = JobSettings.seed,
+    threads: int | None = JobSettings.threads,
+    device: str = JobSettings.device,
+    validate: bool = JobSettings.validate,
+    workdir: str | os.PathLike | None = None,
+    **data_options: Any,
+) -> MergeResult:
+    """Scale and merge unmerged intensities with the Bayesian model (Wilson prior x scale x noise model).
+
+    Parameters
+    ----------
+    data : path, rs.DataSet, MergingDataSource or None
+        An unmerged MTZ file (DIALS, AIMLESS/MOSFLM, XDS via pointless), an unmerged DataSet with I, SIGI and
+        BATCH, or ``None`` for the built-in simulated data set (with known truth).
+    model : class or factory
+        Called with ``centric, epsilon, sigma_n, n_images, n_features`` from the data and the parts below; see
+        :class:`~physppl.models.merging.MergingModelProtocol`.
+    scale, likelihood, error_model : str or object
+        By name (:data:`~physppl.merging.parts.SCALES`, ``LIKELIHOODS``, ``ERROR_MODELS``) or your own (a scale
+        module or its class/factory taking ``n_images`` and ``n_features``; a callable ``(loc, sigma) ->
+        Distribution``; a module ``(sigma, predicted) -> sigma'`` or ``None``).
+    guide : str or object
+        A family of :class:`~physppl.guides.merging.MergingGuide` by name, or a factory called with ``init_mean``
+        and ``init_sd`` (the conventional merge, in the model's units), or a guide module.
+    engine : str or engine
+        ``"svi"`` (default), ``"nuts"`` (exact, small problems), ``"weighted_mean"`` (the conventional merge), or an
+        engine object (:class:`~physppl.inference.svi.SVIEngine` with your settings, or any object with ``fit``).
+    n_draws : int
+        Posterior draws kept in ``posterior.nc``.
+    log_likelihood : bool
+        Pointwise log-likelihood of every observation in ``posterior.nc`` (for ``az.loo``).
+    seed, threads, device, validate
+        As :class:`~physppl.inference.runner.JobSettings`.
+    workdir : path, optional
+        Where checkpoints go while the fit runs (needed to resume); nothing is written without it.
+    **data_options
+        Options of :class:`~physppl.merging.data.MergingDataSource`: ``anomalous``, ``metadata``, ``dmin``,
+        ``columns``, ``partials``, ``drop_bad_sigma``, ``half_datasets``, ``reference``, ``simulate``.
+    """
+    source, given = _source(data, data_options)
+    settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
+    with Job("merging", settings, inputs=[source.path, source.reference], workdir=workdir,
+             outputs=OUTPUT_FILES) as job:
+        ds, truth = (given, None) if given is not None else source.load()
+        data_ = source.prepare(ds)
+        reference = read_merged_mtz(source.reference, anomalous=data_.anomalous) if source.reference else None
+        merger = _Merger(model, resolve_scale(scale), resolve_likelihood(likelihood), resolve_error_model(error_model),
+                         resolve_guide(guide), resolve_engine(engine), job.device)
+        log.info("data: %d observations of %d reflections on %d images (%s)", data_.n_obs, data_.n_refl,
+                 data_.n_images, source.path or "simulated")
+        fit, moments, log_scale = merger.run(data_, n_draws, workdir)
+        table = merged_table(data_, moments)
+        mtz = to_merged_mtz(table, data_)
+
+        coords, extra = refl_coordinates(data_)
+        f_units = float(np.sqrt(data_.norm))
+        idata = to_inference_data(
+            fit, log_likelihood=log_likelihood, coords=coords, dim_coords=extra,
+            rescale={"F": Rescale(f_units), "I": Rescale(data_.norm)},
+            attrs={"units": "F in the file's amplitude units (sqrt of its intensity units), I in its intensity units"})
+        summary = summarize(idata, var_names=["F"])
+
+        metrics: dict = {"n_obs": data_.n_obs, "n_refl": data_.n_refl, "n_images": data_.n_images,
+                         "intensity_norm": data_.norm, **fit.info}
+        shells = None
+        if source.half_datasets:
+            pyro.set_rng_seed(job.seed + 1)  # the half-dataset fit's draws do not depend on how long the main fit ran
+            halves = data_.split_halves(seed=job.seed)
+            hfit, hmoments, _ = merger.run(halves, 2, workdir, engine=_halves_engine(merger.engine, workdir))
+            cc, shells = half_dataset_cc(merged_table(halves, hmoments))
+            metrics.update(cc)
+            metrics["half_train_time"] = hfit.info.get("train_time")
+        if reference is not None:
+            metrics.update(reference_cc(mtz, reference))
+        truth_table = None
+        if truth is not None:
+            f_draws = fit.flat("F").double().numpy() * f_units
+            lower, upper = np.quantile(f_draws, [0.05, 0.95], axis=0)
+            truth_table = table.assign(lower=lower, upper=upper,
+                                       F_TRUE=true_amplitudes(truth, data_.hkl, data_.friedel))
+            metrics.update(truth_metrics(*(truth_table[c].to_numpy(float) for c in
+                                           ("F", "lower", "upper", "F_TRUE", "dHKL"))))
+
+        files = {"merged.mtz": mtz_writer(mtz)}
+        if shells is not None:
+            files["cc_half.csv"] = lambda p, s=shells: s.to_csv(p, index=False)
+
+        def figures(out: Path) -> None:
+            if log_scale is not None:
+                k = np.exp(log_scale)
+                img = data_.image.numpy()
+                counts = np.maximum(np.bincount(img, minlength=data_.n_images), 1)
+                per_image = np.bincount(img, weights=k, minlength=data_.n_images) / counts
+                plots.plot_scales(data_.batch_values, per_image, data_.inv_d2.numpy(), k, out / "scale.png")
+            plots.plot_wilson(data_.dhkl, moments["I_mean"] * data_.norm, data_.epsilon.numpy(),
+                              data_.sigma_n.numpy() * data_.norm, out / "wilson.png")
+            if shells is not None:
+                plots.plot_cc_shells(shells, out / "cc_half.png")
+            if reference is not None:
+                j = mtz[["I"]].join(reference[["I"]], rsuffix="_ref", how="inner")
+                plots.plot_comparison(j["I_ref"].to_numpy(float), j["I"].to_numpy(float), "reference I", "merged I",
+                                      out / "reference.png")
+            if truth_table is not None:
+                plots.plot_comparison(truth_table["F_TRUE"].to_numpy(float), truth_table["F"].to_numpy(float),
+                                      "true F", "merged F", out / "truth.png")
+
+        log.info("merged %d reflections; %s", data_.n_refl, fit.info.get("stop_reason", fit.info.get("engine")))
+        return job.result(MergeResult, idata=idata, metrics=metrics, losses=fit.losses, summary=summary, files=files,
+                          figures=figures, mtz=mtz, table=table, cc_half=shells, data=data_, fit=fit)
+
+
+def _model_factory(node) -> tuple[Callable, dict]:
+    """The model class (``model._target_``, swappable on the command line) with any extra keys of the node bound,
+    and the part nodes (scale, likelihood, error_model) instantiated."""
+    conf = OmegaConf.to_container(node, resolve=True)
+    cls = get_class(conf.pop("_target_"))
+    conf.pop("_partial_", None)
+    conf.pop("_convert_", None)
+    parts = {k: instantiate(node[k]) if OmegaConf.is_dict(node[k]) else node[k]
+             for k in ("scale", "likelihood", "error_model") if k in node}
+    for k in parts:
+        conf.pop(k, None)
+    factory = (lambda **kw: cls(**conf, **kw)) if conf else cls
+    return factory, parts
+
+
+def task(cfg: DictConfig, workdir: str | os.PathLike) -> MergeResult:
+    """The command line's merging job: :func:`merge` with the configuration's values."""
+    factory, parts = _model_factory(cfg.model)
+    return merge(instantiate(cfg.data), model=factory, guide=instantiate(cfg.guide), engine=instantiate(cfg.inference),
+                 n_draws=int(cfg.n_draws), log_likelihood=bool(cfg.log_likelihood), seed=int(cfg.seed),
+                 threads=cfg.threads, device=str(cfg.device), validate=bool(cfg.validate), workdir=workdir, **parts)
