@@ -21,7 +21,7 @@ from physppl.inference.fit import ProtocolError
 from physppl.inference.plugins import require_plugins
 from physppl.inference.svi import CheckpointError, TrainingDivergedError
 
-__all__ = ["run", "main", "objective_value"]
+__all__ = ["run", "main", "objective_value", "check_sweeper"]
 
 log = logging.getLogger("physppl")
 # arviz 0.23 logs at INFO, on import, that its 1.x preview packages are absent: noise in every job's log
@@ -76,17 +76,27 @@ def objective_value(cfg: DictConfig, metrics: dict, required: bool = True) -> fl
     return float("nan") if value is None else float(value)
 
 
+def check_sweeper(cfg: DictConfig, direction: str | None) -> str | None:
+    """Before any work, for an optimising sweeper going ``direction``: exit when there is no objective; return a
+    warning when the experiment says its objective is better the other way (else None)."""
+    if direction is None:
+        return None
+    if not cfg.get("objective"):
+        sys.exit("physppl: error: an optimising sweeper needs a metric to optimise: set objective=<a key of "
+                 "metrics.json> (the experiments set one, e.g. +experiment=merging)")
+    wanted = cfg.get("objective_direction")
+    if wanted and str(wanted).lower() != direction:
+        return (f"the sweeper will {direction} {cfg.objective}, but this experiment's objective_direction is {wanted}: "
+                f"add hydra.sweeper.direction={wanted}")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="pkg://physppl.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     direction = _sweeper_direction()
-    if direction is not None:
-        if not cfg.get("objective"):
-            sys.exit("physppl: error: an optimising sweeper needs a metric to optimise: set objective=<a key of "
-                     "metrics.json> (the experiments set one, e.g. +experiment=merging)")
-        wanted = cfg.get("objective_direction")
-        if wanted and str(wanted).lower() != direction:
-            log.warning("the sweeper will %s %s, but this experiment's objective_direction is %s: "
-                        "add hydra.sweeper.direction=%s", direction, cfg.objective, wanted, wanted)
+    warning = check_sweeper(cfg, direction)
+    if warning:
+        log.warning(warning)
     try:
         metrics = run(cfg)
         # a scalar for sweepers (e.g. optuna): the experiment names its objective in cfg.objective

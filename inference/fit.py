@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_factor, site_is_subsample

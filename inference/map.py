@@ -11,7 +11,6 @@ import math
 import time
 from typing import Callable
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO

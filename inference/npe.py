@@ -78,6 +78,9 @@ class NPETrainer:
     device : str, optional
         Where to train (``auto``, ``cpu``, ``cuda[:n]``): the flow and the pairs move there for training and the
         flow comes back to the device it was on, so sampling and evaluation code need not know.
+    seed : int, optional
+        Seed of the train/validation split and of the minibatch order (their own generator, so they do not depend
+        on what else drew from torch's global generator); ``None`` draws it from torch's global generator.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class NPETrainer:
         resume: bool = False,
         progress: bool = True,
         device: str | None = None,
+        seed: int | None = 0,
     ):
         if not 0 < validation_fraction < 1:
             raise ValueError(f"NPETrainer: validation_fraction must be in (0, 1), got {validation_fraction}")
@@ -104,6 +108,7 @@ class NPETrainer:
         self.max_time = None if max_time is None else float(max_time)
         self.resume, self.progress = bool(resume), bool(progress)
         self.device = None if device is None else resolve_device(device)
+        self.seed = None if seed is None else int(seed)
 
     def _save(self, path: Path, state: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,8 @@ class NPETrainer:
 
     def _fit(self, flow: nn.Module, theta: torch.Tensor, x: torch.Tensor, n_val: int, workdir, name: str,
              standardize: bool) -> NPEResult:
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed
+        gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(theta), generator=gen).to(theta.device)
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if standardize:
@@ -180,7 +186,7 @@ class NPETrainer:
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
                             f"neural posterior estimation diverged: loss {loss.item()} at epoch {result.epochs + 1}, "
-                            f"step {result.steps + 1}; try a smaller inference.amortized.lr")
+                            f"step {result.steps + 1}; try a smaller learning rate")
                     optim.zero_grad()
                     loss.backward()
                     nn.utils.clip_grad_norm_(flow.parameters(), self.clip_norm)
@@ -194,7 +200,7 @@ class NPETrainer:
                                              for s in range(0, len(theta_val), 4096)]).sum() / len(theta_val))
                 if not math.isfinite(val):
                     raise TrainingDivergedError(f"neural posterior estimation diverged: held-out loss {val} at epoch "
-                                                f"{result.epochs + 1}; try a smaller inference.amortized.lr")
+                                                f"{result.epochs + 1}; try a smaller learning rate")
                 result.epochs += 1
                 result.train_losses.append(total / count)
                 result.val_losses.append(val)
@@ -341,7 +347,7 @@ class VariationalFocus:
             loss = -(log_likelihood(theta) + log_prior - log_q).mean()
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(f"variational fit ({desc}) diverged at step {step + 1}: loss {loss.item()}; "
-                                            "try a smaller inference.focus.lr")
+                                            "try a smaller learning rate")
             optim.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(flow.parameters(), self.clip_norm)
@@ -487,9 +493,9 @@ class SBIPlan:
 
     def __post_init__(self):
         if self.objective not in ("npe", "vi"):
-            raise ValueError(f"inference.objective must be 'npe' or 'vi', got {self.objective!r}")
+            raise ValueError(f"SBIPlan: objective must be 'npe' or 'vi', got {self.objective!r}")
         if self.objective == "vi" and self.vi_engine is None:
-            raise ValueError("inference.objective=vi needs inference.vi_engine (an SVIEngine)")
+            raise ValueError("SBIPlan: objective 'vi' needs a vi_engine (an SVIEngine)")
         if int(self.rounds) < 1:
-            raise ValueError(f"inference.rounds must be >= 1, got {self.rounds}")
+            raise ValueError(f"SBIPlan: rounds must be >= 1, got {self.rounds}")
         self.rounds = int(self.rounds)

@@ -11,8 +11,9 @@ from torch import nn
 __all__ = ["ClippedAdam", "parameter_groups"]
 
 
-def _submodule(modules: Mapping[str, nn.Module], path: str) -> nn.Module:
-    """``path`` ("scale", "error_model", "guide.encoder", ...) looked up in the model, then in the guide."""
+def _submodule(modules: Mapping[str, nn.Module], path: str) -> nn.Module | None:
+    """``path`` ("scale", "error_model", "guide.encoder", ...) looked up in the model, then in the guide; None for a
+    part the model declares but left out (an attribute set to None, e.g. no error model)."""
     head, _, rest = path.partition(".")
     if head in modules:  # an explicit owner: "model.scale" / "guide.encoder"
         owner = modules[head]
@@ -24,6 +25,8 @@ def _submodule(modules: Mapping[str, nn.Module], path: str) -> nn.Module:
         except AttributeError:
             continue
     if not found:
+        if any(getattr(owner, path, 0) is None for owner in modules.values()):
+            return None
         names = sorted({f"{k}.{n}" if n else k for k, m in modules.items() for n, _ in m.named_children()})
         raise ValueError(f"module_lr: no submodule {path!r} in the {' or the '.join(modules)}; "
                          f"submodules: {', '.join(names) or 'none'}")
@@ -36,7 +39,10 @@ def parameter_groups(modules: Mapping[str, nn.Module], module_lr: Mapping[str, f
     seen: set[int] = set()
     groups = []
     for path, rate in (module_lr or {}).items():
-        params = [p for p in _submodule(modules, path).parameters() if p.requires_grad and id(p) not in seen]
+        module = _submodule(modules, path)
+        if module is None:
+            continue
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in params)
         if params:
             groups.append({"params": params, "lr": float(rate), "name": path})

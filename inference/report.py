@@ -202,7 +202,7 @@ def compare_runs(runs: list[RunRecord], ic: str = "loo") -> list[tuple[str, pd.D
                     k = np.asarray(est.pareto_k)
                     table.loc[name, "pareto_k_max"] = float(np.nanmax(k))
                     table.loc[name, "pareto_k_above_0.7"] = float(np.mean(k > 0.7))
-        # the experiment's name from its task (physppl.<name>.pipeline.run)
+        # the problem's name from its task (physppl.<problem>.api.task)
         parts = str(task).split(".")
         results.append((f"{parts[-3] if len(parts) >= 3 else task}: {', '.join(var_names)}", table))
     return results

@@ -14,6 +14,7 @@ line leaves in its run directory.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -30,9 +31,8 @@ import torch
 
 from .device import resolve_device
 from .outputs import LOSSES_FILE, atomic_write, protect_inputs, write_json
-from .plots import plot_loss
 
-__all__ = ["JobSettings", "Job", "Result", "round_metrics", "MACHINE_METRICS", "comparable_metrics"]
+__all__ = ["JobSettings", "Job", "Result", "round_metrics", "MACHINE_METRICS", "comparable_metrics", "config_options"]
 
 log = logging.getLogger("physppl")
 
@@ -180,6 +180,8 @@ class Result:
         Extra curves for ``loss.png``: ``{label: (steps, values)}``.
     plot_losses : bool
         Draw ``loss.png`` from ``losses`` (a problem with its own training figure sets False).
+    loss_label : str
+        What ``losses["loss"]`` is, for the axis of ``loss.png``.
     """
 
     FILES: ClassVar[tuple[str, ...]] = ("posterior.nc", "summary.csv", LOSSES_FILE, "metrics.json")
@@ -192,6 +194,7 @@ class Result:
     figures: Callable[[Path], Any] | None = field(default=None, repr=False)
     loss_curves: dict = field(default_factory=dict, repr=False)
     plot_losses: bool = True
+    loss_label: str = "loss (-ELBO)"
     inputs: tuple[Path, ...] = ()
 
     def __repr__(self) -> str:
@@ -228,7 +231,10 @@ class Result:
             atomic_write(out / name, write, protect)
         if figures:
             if self.plot_losses and self.losses is not None and len(self.losses):
-                plot_loss(self.losses["loss"].to_numpy(), out / "loss.png", extra=self.loss_curves or None)
+                from .plots import plot_loss  # matplotlib only when a figure is drawn
+
+                plot_loss(self.losses["loss"].to_numpy(), out / "loss.png", ylabel=self.loss_label,
+                          extra=self.loss_curves or None)
             if self.figures is not None:
                 self.figures(out)
         write_json(out / "metrics.json", self.metrics)  # last: its presence marks a finished run
@@ -238,3 +244,19 @@ class Result:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def config_options(cfg, fn: Callable, exclude: Iterable[str] = ()) -> dict:
+    """The top-level configuration values of ``fn``'s keyword arguments (a problem's own options and the job
+    settings), as plain Python values: how a command-line task passes its configuration to its Python function.
+    ``exclude`` names the arguments the task builds itself (from config groups such as ``data`` or ``model``)."""
+    from omegaconf import OmegaConf
+
+    skip = set(exclude)
+    out = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip or p.kind is not p.KEYWORD_ONLY or name not in cfg:
+            continue
+        value = cfg[name]
+        out[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return out

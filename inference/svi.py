@@ -158,7 +158,11 @@ class SVIEngine:
             except (KeyError, RuntimeError) as err:
                 raise CheckpointError(f"checkpoint {path} does not fit this {name} ({type(module).__name__}): "
                                       f"{str(err).strip()}; the configuration changed since it was written") from None
-        optimizer.load_state_dict(state["optim"])
+        try:
+            optimizer.load_state_dict(state["optim"])
+        except (KeyError, ValueError) as err:  # other parameter groups, e.g. another module_lr
+            raise CheckpointError(f"checkpoint {path}: its optimiser state does not fit this run's optimiser ({err}); "
+                                  "the configuration changed since it was written") from None
         pyro.util.set_rng_state(state["rng"])
         generator.set_state(state["batch_rng"])
         return int(state["step"]), list(state["losses"])

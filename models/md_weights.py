@@ -415,8 +415,11 @@ class FrameWeightsModel(PyroModule):
                 if self.bragg:
                     yb = take(y_bragg)
                     present = torch.isfinite(yb)
-                    sd_b = s_b * take(sigma_bragg) if self.bragg_has_sigma else s_b * torch.ones_like(yb)
-                    sd_b = torch.where(present, sd_b, torch.ones_like(sd_b))
+                    # missing voxels get sigma 1 before the product: a NaN there would make NaN gradients even
+                    # though the masked term is not used (torch.where differentiates both branches)
+                    sig_b = torch.where(present, take(sigma_bragg), torch.ones_like(yb)) if self.bragg_has_sigma \
+                        else torch.ones_like(yb)
+                    sd_b = s_b * sig_b
                     with pyro.poutine.mask(mask=present):
                         pyro.sample("y_bragg", dist.Normal(a_b * ib, sd_b),
                                     obs=torch.where(present, yb, torch.zeros_like(yb)))

@@ -16,7 +16,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from .components.likelihoods import NormalLikelihood, likelihood_from_name
+from .components.likelihoods import likelihood_from_name
 from .components.wilson import wilson_prior
 
 __all__ = ["MergingModel", "Likelihood", "ScaleModel", "ErrorModelProtocol", "MergingModelProtocol"]

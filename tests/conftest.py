@@ -1,6 +1,7 @@
 """Shared fixtures: fixed seeds, a clean Pyro parameter store, one torch thread, paths to real data."""
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import pyro
@@ -19,6 +20,17 @@ def _clean_pyro():
     pyro.enable_validation(True)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Hydra run in this process attaches handlers to the root logger that write to this test's captured streams;
+    a later test's log line would go to a closed stream. Each test gets the root logger back as it found it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

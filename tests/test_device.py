@@ -12,11 +12,11 @@ from physppl.cli import run
 
 # tiny settings per experiment, and the figures a GPU run must reproduce (name, relative tolerance)
 JOBS = {
-    "merging": (["+experiment=merging", "data.simulate.dmin=4.5", "data.simulate.n_images=40", "inference.max_steps=100",
-                 "inference.min_steps=100", "inference.progress=false", "n_draws=20", "data.half_datasets=false"],
+    "merging": (["+experiment=merging", "data.simulate.dmin=5.0", "data.simulate.n_images=30", "inference.max_steps=60",
+                 "inference.min_steps=60", "inference.progress=false", "n_draws=20", "data.half_datasets=false"],
                 [("cc_truth", 1e-3), ("final_loss", 1e-3)]),
     "md_weights": (["+experiment=md_weights", "data.simulate.labels=[0,0,1,1,2,2]", "data.simulate.truth=frames",
-                    "data.simulate.dmin=5.0", "warm_start.steps=40", "cc_baseline.steps=60", "n_draws=40",
+                    "data.simulate.dmin=5.0", "warm_start_steps=40", "cc_steps=60", "n_draws=40",
                     "inference.progress=false", "inference.max_steps=120", "inference.min_steps=120"],
                    [("cc", 1e-3)]),
     "beam_sbi": (["+experiment=beam_sbi", "data.n_simulations=600", "data.n_observations=2",
@@ -25,8 +25,8 @@ JOBS = {
                   "evaluate.reference=false", "evaluate.plots=0", "n_draws=300", "guide.n_transforms=1",
                   "guide.hidden_dims=[16]", "guide.embedding_dims=[32]", "guide.context_dim=16"],
                  [("best_val_loss", 1e-2)]),
-    "vae": (["+experiment=vae_digits", "model.latent_dim=4", "inference.progress=false", "train.epochs=2",
-             "train.eval_particles=1", "evaluation.iwae_particles=20", "evaluation.max_points=60",
+    "vae": (["+experiment=vae_digits", "model.latent_dim=4", "inference.progress=false", "training.epochs=2",
+             "training.eval_particles=1", "evaluation.iwae_particles=20", "evaluation.max_points=60",
              "evaluation.gap_points=0", "evaluation.posterior_batch=8", "n_draws=10", "model.hidden=[32]",
              "guide.hidden=[32]", "evaluation.figures=false"],
             [("test_elbo", 1e-3)]),

@@ -87,14 +87,14 @@ def test_svi_recovers_exact_posterior(y, tmp_path, batch_size):
 def test_fit_returns_draws_in_the_posterior_and_two_fits_share_nothing(y):
     mean, sd = exact(y)
     first = fit(Model(), PointGuide(), {"y": y}, _engine(), n_draws=4000)
-    second = fit(Model(), PointGuide(), {"y": y}, _engine(), n_draws=10)
+    second = fit(Model(), PointGuide(), {"y": y}, _engine(max_steps=50, min_steps=50), n_draws=10)
     assert first.draws["mu"].shape == (1, 4000) and second.draws["mu"].shape == (1, 10)
     draws = first.draws["mu"]
     # 4000 draws: Monte Carlo error of the mean is sd/63; the fit itself is within 0.1 sd
     assert abs(draws.mean().item() - mean) < 0.15 * sd and abs(draws.std().item() / sd - 1) < 0.1
     # the second fit started from its own initial values: its first loss equals the first fit's first loss
     assert second.losses[0] == pytest.approx(first.losses[0], rel=0.2)
-    assert first.info["engine"] == "svi" and first.info["steps"] == 1500
+    assert first.info["engine"] == "svi" and first.info["steps"] == 1500 and second.info["steps"] == 50
 
 
 def test_svi_stops_on_convergence(y, tmp_path):
@@ -314,3 +314,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_masked_and_weighted_points_count_in_the_log_likelihood_as_the_model_counts_them(y):
+    present = torch.arange(20) % 4 != 0
+    weight = torch.linspace(0.5, 2.0, 20)
+
+    class Masked(PyroModule):
+        def forward(self, y, subsample=None):
+            mu = pyro.sample("mu", dist.Normal(0.0, PRIOR_SD))
+            with pyro.plate("data", 20), pyro.poutine.scale(scale=weight), pyro.poutine.mask(mask=present):
+                pyro.sample("y", dist.Normal(mu, 1.0), obs=torch.where(present, y[:20], torch.zeros(20)))
+
+    res = Fit(model=Masked(), guide=None, data={"y": y}, draws={"mu": torch.full((1, 3), 1.5)})
+    idata = to_inference_data(res, rescale={"y": Rescale(2.0)})
+    ll = idata.log_likelihood["y"].values[0, 0]
+    ref = weight * dist.Normal(1.5, 1.0).log_prob(y[:20]) - math.log(2.0)
+    np.testing.assert_allclose(ll[present.numpy()], ref[present].numpy(), rtol=1e-5)
+    assert (ll[~present.numpy()] == 0).all()  # no term for a missing measurement, and no Jacobian either
+    obs = idata.observed_data["y"].values
+    assert np.isnan(obs[~present.numpy()]).all() and np.allclose(obs[present.numpy()], 2.0 * y[:20][present].numpy())

@@ -1,12 +1,18 @@
 """Frames and observed intensities in every supported format, and a clear error for each kind of bad input."""
 import numpy as np
 import pytest
+import reciprocalspaceship as rs
+import torch
+from pyro.infer import Trace_ELBO
 
+from physppl.guides.md_weights import DirichletFrameGuide
+from physppl.io.frames import (FrameInputError, read_frames, read_labels, read_observed, read_weights, write_frames,
+                               write_intensity_mtz)
+from physppl.md_weights.api import build_model
 from physppl.md_weights.data import MDWeightsDataSource
 from physppl.md_weights.make_frames import main as make_frames_main
 from physppl.md_weights.make_frames import write_example
-from physppl.io.frames import (FrameInputError, read_frames, read_labels, read_observed, read_weights,
-                                         write_frames, write_intensity_mtz)
+from physppl.models.md_weights import FrameWeightsModel
 from physppl.models.simulators.md_frames import FrameSet
 
 SMALL = dict(n_frames=6, dmin=5.0, n_truth_frames=6, seed=3)
@@ -37,6 +43,21 @@ def test_npy_frames_are_memory_mapped(tmp_path, example):
     paths = write_example(tmp_path, "npy", **SMALL)
     frames, _ = read_frames(paths["frames"])
     assert isinstance(frames.F, np.memmap)
+
+
+def test_simulation_settings_are_checked_before_simulating(monkeypatch):
+    """Frames of a real structure take minutes: a bad setting is reported before any is simulated."""
+    import physppl.md_weights.data as data
+
+    monkeypatch.setattr(data, "simulate_frames", lambda *a, **k: pytest.fail("simulated before checking settings"))
+    with pytest.raises(ValueError, match="needs subset"):
+        data.simulate_example(truth="subset")
+    with pytest.raises(ValueError, match="truth must be"):
+        data.simulate_example(truth="ensemble")
+    with pytest.raises(ValueError, match="toy molecule only"):
+        data.simulate_example(structure="no_such.pdb", observed_hinge_degrees=12.0)
+    with pytest.raises(ValueError, match="state_masses"):
+        data.simulate_example(state_masses=[0.5, 0.6, 0.0])
 
 
 def test_make_frames_command(tmp_path, capsys):
@@ -155,6 +176,25 @@ def test_overlap_checks(tmp_path, example):
     far = FrameSet(frames.F[:, :5], frames.hkl[:5] + 100, frames.cell, frames.spacegroup, frames.state)
     with pytest.raises(FrameInputError, match="no observed reflection is among the frames' reflections"):
         src.prepare(far, kind, diffuse)
+
+
+def test_bragg_intensities_for_some_voxels_only(tmp_path, example):
+    out, paths = example
+    bragg = rs.read_mtz(paths["bragg"])
+    part = tmp_path / "bragg_part.mtz"
+    bragg.loc[np.arange(len(bragg)) % 4 != 0].copy().write_mtz(str(part))
+    src = _source_for(out, bragg=str(part))
+    data = src.prepare(*src.load())
+    missing = ~torch.isfinite(data.y_bragg)
+    assert 0.15 < float(missing.double().mean()) < 0.35 and bool(torch.isfinite(data.sigma_bragg).all())
+    # the missing ones are masked out of the likelihood, and their gradients stay finite (a NaN sigma behind the
+    # mask made the Bragg noise factor's gradient NaN, and SVI's parameters with it)
+    model = build_model(FrameWeightsModel, data)
+    guide = DirichletFrameGuide(model, groups=data.labels)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1)
+    elbo.differentiable_loss(model, guide, **data.model_kwargs()).backward()
+    grads = [p.grad for p in guide.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def test_data_source_argument_errors():

@@ -6,19 +6,20 @@ import sys
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pytest
 import reciprocalspaceship as rs
 from hydra import compose, initialize_config_module
 
 from physppl.cli import run
 
-TINY = ["data.simulate.dmin=4.5", "data.simulate.n_images=40", "inference.max_steps=150", "inference.min_steps=150",
-        "inference.progress=false", "n_draws=20"]
+TINY_DATA = ["data.simulate.dmin=4.5", "data.simulate.n_images=40", "n_draws=20"]
+TINY = TINY_DATA + ["inference.max_steps=150", "inference.min_steps=150", "inference.progress=false"]
 
 
-def _run(tmp_path, overrides, name="run"):
+def _run(tmp_path, overrides, name="run", tiny=TINY):
     with initialize_config_module("physppl.conf", version_base="1.3"):
-        cfg = compose("config", overrides=TINY + overrides)
+        cfg = compose("config", overrides=tiny + overrides)
     return run(cfg, tmp_path / name), tmp_path / name
 
 
@@ -29,7 +30,8 @@ def test_default_job_writes_every_output(tmp_path):
         assert (out / f).is_file(), f
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("final_loss", "wall_time", "steps", "cc_half", "cc_truth", "coverage90", "n_obs", "n_refl"):
+    for key in ("final_loss", "train_time", "wall_time_total", "steps", "cc_half", "cc_truth", "coverage90", "n_obs",
+                "n_refl", "intensity_norm"):
         assert key in saved and saved[key] is not None, key
     merged = rs.read_mtz(str(out / "merged.mtz"))
     assert {"F", "SIGF", "I", "SIGI", "N"} <= set(merged.columns)
@@ -42,13 +44,10 @@ def test_default_job_writes_every_output(tmp_path):
     assert "H" in idata.posterior.coords and "dHKL" in idata.posterior.coords
     assert idata.log_likelihood["I"].dims == ("chain", "draw", "obs")
     assert idata.observed_data["I"].shape == (saved["n_obs"],)
-    # the merged MTZ and the posterior agree: F is the posterior mean (up to Monte Carlo error of 20 draws)
-    post_mean = idata.posterior["F"].mean(("chain", "draw")).values
-    hkl = np.column_stack([idata.posterior.coords[c].values for c in "HKL"])
-    mtz = merged.reset_index().set_index(["H", "K", "L"])["F"]
-    mtz_f = mtz.loc[list(map(tuple, hkl))].to_numpy()
-    # F in the MTZ is in original units; posterior draws are in normalised units: compare shapes by correlation
-    assert np.corrcoef(post_mean, mtz_f)[0, 1] > 0.999
+    # summary.csv rows are named by Miller index, with H, K, L beside them
+    summary = pd.read_csv(out / "summary.csv", index_col=0)
+    first = summary.iloc[0]
+    assert summary.index[0] == f"F[{first['H']} {first['K']} {first['L']}]"
 
 
 def test_anomalous_mode_writes_friedel_columns(tmp_path):
@@ -61,19 +60,11 @@ def test_anomalous_mode_writes_friedel_columns(tmp_path):
 
 
 def test_baseline_runs_with_the_same_outputs(tmp_path):
-    metrics, out = _run(tmp_path, ["+experiment=merging_baseline"])
+    metrics, out = _run(tmp_path, ["+experiment=merging_baseline"], tiny=TINY_DATA)
     assert metrics["engine"] == "weighted_mean"
     for f in ("merged.mtz", "posterior.nc", "metrics.json", "cc_half.csv"):
         assert (out / f).is_file()
     assert metrics["cc_truth"] > 0.9
-
-
-def test_two_identical_jobs_agree(tmp_path):
-    """The parameter store is cleared per job: the second job must not start from the first one's fit."""
-    a, _ = _run(tmp_path, ["data.half_datasets=false"], "a")
-    b, _ = _run(tmp_path, ["data.half_datasets=false"], "b")
-    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-6)
-    assert a["cc_truth"] == pytest.approx(b["cc_truth"], rel=1e-6)
 
 
 def test_resume_continues_from_checkpoint(tmp_path):
@@ -110,6 +101,7 @@ def test_command_line_reports_bad_input_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess sweep; tests/test_sweeps.py runs one in the default suite
 def test_hydra_multirun_jobs_are_independent(tmp_path):
     """Two identical jobs in one sweep (Hydra's basic launcher runs them in one process) give the same result."""
     cmd = [sys.executable, "-m", "physppl.cli", "-m", *TINY, "data.half_datasets=false",
@@ -128,6 +120,7 @@ def test_hydra_multirun_jobs_are_independent(tmp_path):
 def test_resume_with_half_datasets_starts_halves_fresh_when_not_reached(tmp_path):
     """A run stopped before its half-dataset fit resumes the main fit and runs the halves from scratch."""
     _run(tmp_path, ["data.half_datasets=false", "inference.max_steps=100", "inference.min_steps=300"], "h")
+    assert not (tmp_path / "h" / "checkpoint_halves.pt").exists()
     m, out = _run(tmp_path, ["inference.resume=true", "inference.max_steps=150", "inference.min_steps=300"], "h")
     assert m["resumed_from"] == 100 and "cc_half" in m
-    assert (out / "halves" / "checkpoint.pt").is_file()
+    assert (out / "checkpoint_halves.pt").is_file()

@@ -30,23 +30,44 @@ def _truncnorm(x):
     return stats.truncnorm(a, b, loc=x, scale=NOISE)
 
 
+def _exact_moments(x):
+    """Mean and sd of the exact posterior (truncated normals) for observations x (n, 2)."""
+    x = np.asarray(x, dtype=float)
+    exact = stats.truncnorm((0 - x) / NOISE, (1 - x) / NOISE, loc=x, scale=NOISE)
+    return exact.mean(), exact.std()
+
+
 def test_npe_learns_a_known_posterior_and_resumes(tmp_path):
+    """Accuracy averaged over 25 observations, which is stable where one observation's error is not: over seeds
+    0-5 (toy data, flow initialisation, split), 12 epochs on 4,000 pairs gave a mean |error of the posterior
+    mean| of 0.089-0.132 posterior sds and a mean |log sd ratio| of 0.109-0.134; the tolerances (0.2) are 1.5x
+    the worst seed. A flow that ignored x would be ~5 sds off; one twice too wide, 0.69 in log sd."""
     theta, x = _toy(4000)
     trainer = NPETrainer(lr=5e-3, batch_size=128, max_epochs=12, patience=100, lr_decay=0.8, progress=False)
     flow = _flow()
     res = trainer.fit(flow, theta, x, workdir=tmp_path)
     assert res.epochs == 12 and len(res.val_losses) == 12 and (tmp_path / "npe_checkpoint.pt").is_file()
-    x_test = torch.tensor([0.3, 0.97])
-    draws = flow.sample(x_test, 4000).double().numpy()
-    for d in range(2):
-        exact = _truncnorm(float(x_test[d]))
-        assert draws[:, d].mean() == pytest.approx(exact.mean(), abs=0.012)
-        assert draws[:, d].std() == pytest.approx(exact.std(), rel=0.35)
+    x_test = torch.rand((25, 2), generator=torch.Generator().manual_seed(123)) * 0.9 + 0.05
+    draws = flow.sample(x_test, 4000).double().numpy()  # (4000, 25, 2)
+    mean, sd = _exact_moments(x_test)
+    assert np.mean(np.abs(draws.mean(0) - mean) / sd) < 0.2
+    assert np.mean(np.abs(np.log(draws.std(0) / sd))) < 0.2
     assert ((draws > 0) & (draws < 1)).all()
     # resume: a longer budget continues from the saved epoch
     longer = NPETrainer(lr=5e-3, batch_size=128, max_epochs=14, patience=100, lr_decay=0.8, progress=False, resume=True)
     res2 = longer.fit(_flow(), theta, x, workdir=tmp_path)
     assert res2.resumed_from == 12 and res2.epochs == 14 and res2.val_losses[:12] == res.val_losses
+
+
+def test_the_split_is_seeded_by_the_trainer_not_the_global_generator():
+    theta, x = _toy(300)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        flow = _flow()  # the same initial weights
+        torch.manual_seed(global_seed)  # another global stream: the split and batches must not follow it
+        runs.append(NPETrainer(max_epochs=2, progress=False, seed=7).fit(flow, theta, x).val_losses)
+    assert runs[0] == runs[1]
 
 
 def test_npe_rejects_bad_training_sets():
@@ -91,18 +112,21 @@ def test_importance_diagnostics():
 
 
 def test_truncated_rounds_focus_on_the_observation():
+    """Round 2 simulates from a box around the posterior mass that holds the observation and is smaller than the
+    prior, and the last round's posterior mean is accurate. Measured over seeds 0-5: box areas 0.43-0.58 of the
+    prior's, posterior-mean errors up to 0.24 posterior sds; tolerances 0.75 and 0.4."""
     torch.manual_seed(0)
     x_obs = torch.tensor([0.5, 0.7])
     trainer = NPETrainer(lr=5e-3, batch_size=128, max_epochs=10, patience=100, lr_decay=0.9, progress=False)
     snpe = TruncatedSequentialNPE(_flow, trainer, simulations_per_round=1500, rounds=2, quantile=5e-3, expand=0.1)
     flow, record = snpe.run(x_obs, lambda th: th + NOISE * torch.randn_like(th), LOW, HIGH)
     lo, hi = (torch.tensor(b) for b in record["boxes"][-1])
-    assert ((hi - lo) < 0.9).all() and (lo < x_obs).all() and (hi > x_obs).all()
+    assert float((hi - lo).prod()) < 0.75 and (lo < x_obs).all() and (hi > x_obs).all()
     assert record["simulations"] == 3000 and len(record["val_loss"]) == 2
     draws = flow.sample(x_obs, 4000).double().numpy()
     assert ((draws >= lo.numpy()) & (draws <= hi.numpy())).all()
-    for d in range(2):
-        assert draws[:, d].mean() == pytest.approx(_truncnorm(float(x_obs[d])).mean(), abs=0.015)
+    mean, sd = _exact_moments(x_obs[None])
+    assert (np.abs(draws.mean(0) - mean[0]) / sd[0] < 0.4).all()
 
 
 def test_truncation_box_is_inside_the_prior():
@@ -132,7 +156,7 @@ def test_saved_posterior_reloads_and_samples(tmp_path):
 def test_plan_validation():
     with pytest.raises(ValueError, match="objective must be"):
         SBIPlan(amortized=NPETrainer(), objective="mle")
-    with pytest.raises(ValueError, match="needs inference.vi_engine"):
+    with pytest.raises(ValueError, match="needs a vi_engine"):
         SBIPlan(amortized=NPETrainer(), objective="vi")
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         SBIPlan(amortized=NPETrainer(), rounds=0)

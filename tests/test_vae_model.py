@@ -8,14 +8,32 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from physppl.vae.torch_baseline import TorchVAE
 from physppl.guides.vae import MeanFieldLatentGuide, VAEGuide
 from physppl.inference.iwae import importance_log_weights
+from physppl.inference.optim import ClippedAdam
+from physppl.inference.svi import SVIEngine
 from physppl.models.vae import VAEModel, check_support
+from physppl.vae.torch_baseline import TorchVAE
 
 N, D = 24, 3
+
+
+def _trainer(model, guide, elbo, lr):
+    """One SVI step as the engine takes it: the ELBO as a module, a torch optimiser over both modules' parameters
+    (Pyro's module-local parameter mode: the parameters live in the modules, not in a global store)."""
+    loss = elbo(model, guide)
+    optimizer = ClippedAdam(lr=lr, clip_norm=1e10)({"model": model, "guide": guide})
+
+    def step(**data):
+        optimizer.zero_grad()
+        value = loss(**data)
+        value.backward()
+        optimizer.step()
+        return float(value.detach())
+
+    return step, optimizer
 
 
 def _data(shape=(8, 8), likelihood="bernoulli", seed=0):
@@ -78,9 +96,9 @@ def test_one_svi_step_lowers_the_loss(flow):
         pyro.set_rng_seed(123)
         return loss.loss(model, guide, x=x)
 
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), TraceMeanField_ELBO())
+    step, _ = _trainer(model, guide, TraceMeanField_ELBO(), lr=0.02)
     before = evaluate()
-    svi.step(x=x, subsample=torch.arange(8))
+    step(x=x, subsample=torch.arange(8))
     after = evaluate()
     assert after < before - 0.5, (before, after)
 
@@ -114,24 +132,58 @@ def test_pyro_elbo_equals_plain_torch_elbo(arch):
 
 
 def test_networks_follow_a_restored_parameter_store():
-    """After a checkpoint is loaded into Pyro's store (engine resume, best-parameter restore) the networks
-    compute with the stored tensors, and the optimiser steps the tensors the networks use."""
+    """After a checkpoint's state_dicts are loaded into the modules (engine resume, best-parameter restore) the
+    networks compute with the restored values, and the optimiser still steps the tensors the networks use."""
     model, guide = _pair()
     x = _data()
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
-    svi.step(x=x)
-    state = copy.deepcopy(pyro.get_param_store().get_state())
+    step, optimizer = _trainer(model, guide, Trace_ELBO(), lr=0.01)
+    step(x=x)
+    state = copy.deepcopy({"model": model.state_dict(), "guide": guide.state_dict()})
     z = torch.zeros(1, D)
     before = model.decode(z).clone()
-    svi.step(x=x)
+    q_before = guide.distribution(x[:2]).mean.clone()
+    step(x=x)
     assert not torch.allclose(model.decode(z), before)
-    pyro.get_param_store().set_state(copy.deepcopy(state))
-    assert torch.allclose(model.decode(z), before)
+    assert not torch.allclose(guide.distribution(x[:2]).mean, q_before)
+    model.load_state_dict(copy.deepcopy(state["model"]))
+    guide.load_state_dict(copy.deepcopy(state["guide"]))
+    assert torch.allclose(model.decode(z), before) and torch.allclose(guide.distribution(x[:2]).mean, q_before)
     weight = model.decoder.net[0].weight
-    assert weight is pyro.get_param_store()["decoder$$$net.0.weight"]
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert id(weight) in optimised and id(guide.encoder.loc.weight) in optimised
+    assert not pyro.get_param_store().keys()  # nothing in Pyro's global store
     w0 = weight.detach().clone()
-    svi.step(x=x)
+    step(x=x)
     assert not torch.equal(model.decoder.net[0].weight.detach(), w0)
+
+
+def test_engine_checkpoint_resumes_the_same_trajectory(tmp_path):
+    """SVIEngine's checkpoint (the modules' and the optimiser's state_dicts and the RNG streams): 3 steps, then
+    resume to 6 in fresh modules, gives the parameters of 6 straight steps; a checkpoint of another
+    architecture is refused with CheckpointError."""
+    from physppl.inference.svi import CheckpointError
+
+    x = _data()
+
+    def engine(steps, resume=False, path=tmp_path / "ckpt.pt"):
+        return SVIEngine(optim=ClippedAdam(lr=0.01), loss=TraceMeanField_ELBO(), max_steps=steps, min_steps=steps + 1,
+                         batch_size=8, checkpoint_path=path, resume=resume, progress=False)
+
+    pyro.set_rng_seed(4)
+    model_a, guide_a = _pair()
+    engine(6, path=tmp_path / "straight.pt").run(model_a, guide_a, {"x": x}, n_data=N)
+    pyro.set_rng_seed(4)
+    model_b, guide_b = _pair()
+    engine(3).run(model_b, guide_b, {"x": x}, n_data=N)
+    model_c, guide_c = _pair()  # fresh modules: everything comes from the checkpoint
+    res = engine(6, resume=True).run(model_c, guide_c, {"x": x}, n_data=N)
+    assert res.resumed_from == 3 and res.steps == 6 and len(res.losses) == 6
+    for a, c in ((model_a, model_c), (guide_a, guide_c)):
+        for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items()):
+            torch.testing.assert_close(pa, pc, msg=name)
+    other_model, other_guide = _pair(latent=D + 1)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        engine(6, resume=True).run(other_model, other_guide, {"x": x}, n_data=N)
 
 
 def test_meanfield_guide_shapes_and_errors():
@@ -181,8 +233,8 @@ def test_training_and_evaluation_on_gpu():
     model.to(dev)
     guide.to(dev)
     x = _data().to(dev)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    step, _ = _trainer(model, guide, TraceMeanField_ELBO(), lr=0.01)
     for _ in range(3):
-        svi.step(x=x, subsample=torch.arange(8))
+        step(x=x, subsample=torch.arange(8))
     lw = importance_log_weights(model, guide, N, 20, {"x": x})
     assert lw.shape == (20, N) and torch.isfinite(lw).all()

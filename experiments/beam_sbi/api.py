@@ -27,18 +27,16 @@ import pandas as pd
 import torch
 import xarray as xr
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from physppl.guides.beam import KnifeEdgeFlowGuide, knife_edge_flow
-from physppl.inference.calibration import c2st, coverage, rank_uniformity, sbc_ranks
 from physppl.inference.convert import summarize, to_inference_data
 from physppl.inference.fit import Fit
 from physppl.inference.npe import AmortizedPosterior, SBIPlan, TruncatedSequentialNPE
 from physppl.inference.outputs import write_json
-from physppl.inference.runner import Job, JobSettings, Result
+from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.beam import PARAM_NAMES, PARAM_UNITS, KnifeEdgeBeamModel
 
-from . import plots
 from .data import BeamDataSource
 from .parts import resolve_plan
 from .reference import reference_draws
@@ -198,7 +196,7 @@ def infer_beam(
         Options of :class:`~physppl.beam_sbi.data.BeamDataSource` (``n_observations``, ``n_simulations``,
         ``cache_dir``, ...).
     """
-    ev = evaluate if isinstance(evaluate, Evaluation) else Evaluation(**(evaluate or {}))
+    ev = Evaluation(**evaluate) if isinstance(evaluate, dict) else (evaluate or Evaluation())
     source = scans if isinstance(scans, BeamDataSource) else BeamDataSource(observed=scans, **data_options)
     sim = model if isinstance(model, KnifeEdgeBeamModel) else model()
     plan = copy.copy(resolve_plan(plan))
@@ -243,6 +241,8 @@ def infer_beam(
         ref_draws = _reference_checks(ev, source, sim, observed, draws_t, n_draws, plan, posterior, flow, theta, x,
                                       calibration, metrics)
         if truth is not None:
+            from physppl.inference.calibration import coverage
+
             d = draws_t.numpy()
             err = np.abs(d.mean(1) - truth) / d.std(1)  # (n_obs, 7), in posterior sds
             cov = coverage(np.transpose(d, (1, 0, 2)), truth)
@@ -264,6 +264,8 @@ def infer_beam(
                  "calibration.json": lambda p: write_json(p, calibration)}
 
         def figures(out: Path) -> None:
+            from . import plots  # matplotlib only when figures are drawn
+
             pos = sim.positions.numpy()
             for k in range(min(int(ev.plots), len(draws))):
                 plots.plot_predictive(observed.x[k].numpy(), predictive[k], pos, out / f"predictive_obs{k}.png",
@@ -277,13 +279,16 @@ def infer_beam(
                 plots.plot_coverage(sbc["coverage"], PARAM_NAMES, out / "coverage.png", int(ev.sbc))
             plots.plot_training(train, val, out / "training.png", focus_losses or None)
 
+        # training.png holds the loss curves (NPE per epoch, held out, and each focused fit): no generic loss.png
         return job.result(BeamResult, idata=idata, metrics=metrics, losses=losses, summary=summary, files=files,
-                          figures=figures, posterior=posterior, draws=draws_t, calibration=calibration)
+                          figures=figures, plot_losses=False, posterior=posterior, draws=draws_t,
+                          calibration=calibration)
 
 
 def _reference_checks(ev: Evaluation, source, sim, observed, draws_t, n_draws, plan, posterior, flow, theta, x,
                       calibration: dict, metrics: dict) -> dict[int, np.ndarray]:
     """C2ST of each checked scan's draws against exact reference draws; returns the reference draws by scan."""
+    from physppl.inference.calibration import c2st  # scipy and scikit-learn: imported when the checks run
     ref_draws: dict[int, np.ndarray] = {}
     if not ev.reference:
         return ref_draws
@@ -315,6 +320,7 @@ def _reference_checks(ev: Evaluation, source, sim, observed, draws_t, n_draws, p
 
 def _sbc(posterior: AmortizedPosterior, model: KnifeEdgeBeamModel, n: int, n_draws: int, calibration: dict) -> dict:
     """SBC and coverage of the amortized posterior over ``n`` prior draws (their own seed, not the training set's)."""
+    from physppl.inference.calibration import coverage, rank_uniformity, sbc_ranks
     gen = torch.Generator().manual_seed(987_654)
     theta = model.sample_prior(n, gen)
     x = model.simulate(theta, gen)
@@ -333,8 +339,6 @@ def _sbc(posterior: AmortizedPosterior, model: KnifeEdgeBeamModel, n: int, n_dra
 
 def task(cfg: DictConfig, workdir: str | os.PathLike) -> BeamResult:
     """The command line's beam job: :func:`infer_beam` with the configuration's values."""
-    evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True)
     return infer_beam(instantiate(cfg.data), model=instantiate(cfg.model), flow=instantiate(cfg.guide),
-                      plan=instantiate(cfg.inference), n_draws=int(cfg.n_draws),
-                      log_likelihood=bool(cfg.log_likelihood), evaluate=evaluate, seed=int(cfg.seed),
-                      threads=cfg.threads, device=str(cfg.device), validate=bool(cfg.validate), workdir=workdir)
+                      plan=instantiate(cfg.inference), workdir=workdir,
+                      **config_options(cfg, infer_beam, exclude=("model", "flow", "plan")))

@@ -11,7 +11,7 @@ from physppl.inference.optim import ClippedAdam
 from physppl.inference.presets import Preset, resolve_named
 from physppl.inference.svi import SVIEngine
 
-__all__ = ["PLANS", "NPE_TRAINER", "resolve_plan"]
+__all__ = ["PLANS", "NPE_TRAINER", "FOCUS", "resolve_plan"]
 
 # the amortized flow's training on the beam's simulations (measured on 10^4 simulations: the held-out loss stops
 # improving within 60 epochs at this rate and decay)

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from physppl.beam_sbi.data import SimulationCache, fixed_observations
+from physppl.beam_sbi.parts import FOCUS, NPE_TRAINER
 from physppl.beam_sbi.reference import reference_draws
 from physppl.guides.beam import knife_edge_flow
 from physppl.inference.calibration import c2st
-from physppl.inference.npe import NPETrainer, VariationalFocus
 from physppl.models.beam import KnifeEdgeBeamModel
 
 log = logging.getLogger("beam_benchmark")
@@ -44,7 +44,8 @@ def _score(sample_fn, x_obs, refs, n):
 
 def physppl_npe(theta, x, model, max_epochs):
     flow = knife_edge_flow(low=model.low, high=model.high, positions=model.positions)
-    res = NPETrainer(max_epochs=max_epochs, patience=10, lr_decay=0.97, progress=False).fit(flow, theta, x)
+    # the job's trainer (physppl.beam_sbi.parts.NPE_TRAINER: early stopping, decay) with this epoch budget
+    res = NPE_TRAINER.build(max_epochs=max_epochs, progress=False).fit(flow, theta, x)
     return (lambda xo, n: flow.sample(xo, n).numpy()), res.wall_time, f"{res.epochs} epochs"
 
 
@@ -111,7 +112,7 @@ def main() -> None:
         if not args.no_focus and "physppl" in args.tools and budget == args.budgets[0]:
             # the default job: amortized draws start a per-scan variational fit against the likelihood
             flow_sample, wall, _ = physppl_npe(*cache.training_set(model, 10_000, seed=args.seed), model, args.max_epochs)
-            focus = VariationalFocus(steps=600, particles=128, lr=0.01, n_transforms=1, progress=False)
+            focus = FOCUS.build(progress=False)  # the default job's per-scan fit
             fits, t_fit = [], 0.0
             for k in range(args.n_obs):
                 t1 = time.perf_counter()

@@ -60,13 +60,14 @@ def _synthetic(T: int, N: int, seed: int = 0):
 def speed_case(method: str, T: int, N: int, steps: int, batch: int) -> dict:
     """One (method, T, N) timing in this process: median seconds per step and peak RSS."""
     import pyro
-    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer import Trace_ELBO
 
     from physppl.guides.md_weights import DirichletFrameGuide
-    from physppl.inference.optim import clipped_adam
+    from physppl.inference.optim import ClippedAdam
     from physppl.models.md_weights import FrameFactors, FrameWeightsModel
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    pyro.enable_validation(False)  # as a job runs (JobSettings.validate=False)
     F, y = _synthetic(T, N)
     if method == "anchor":
         _, times = anchor_fit(F, y, steps + 2)
@@ -77,9 +78,12 @@ def speed_case(method: str, T: int, N: int, steps: int, batch: int) -> dict:
         del re, im
         model = FrameWeightsModel(frames, torch.arange(N) % 10)
         guide = DirichletFrameGuide(model)
-        elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
-        svi = SVI(model, guide, clipped_adam(lr=0.05), elbo)
+        # the SVI engine's step (physppl.inference.svi.SVIEngine.run): the ELBO as a module, a torch optimiser
+        elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1)(model, guide)
         kwargs = {"y": y, "sigma": torch.full_like(y, 0.1)}
+        with torch.no_grad():
+            elbo(**kwargs, subsample=None if method == "physppl" else torch.arange(batch))
+        optimizer = ClippedAdam(lr=0.05)({"model": model, "guide": guide})
         gen = torch.Generator().manual_seed(0)
         times = []
         for _ in range(steps + 2):
@@ -87,9 +91,10 @@ def speed_case(method: str, T: int, N: int, steps: int, batch: int) -> dict:
             start = int(torch.randint(0, N - batch + 1, (), generator=gen))
             idx = None if method == "physppl" else torch.arange(start, start + batch)
             t0 = time.perf_counter()
-            svi.step(**kwargs, subsample=idx)
+            optimizer.zero_grad()
+            elbo(**kwargs, subsample=idx).backward()
+            optimizer.step()
             times.append(time.perf_counter() - t0)
-        pyro.clear_param_store()
     return {"method": method, "T": T, "N": N, "s_per_step": float(np.median(times[2:])), "peak_gb": _peak_gb()}
 
 
@@ -127,15 +132,13 @@ def speed_table(grid: list[tuple[int, int]], steps: int, batch: int, memory_gb: 
 
 def accuracy_table(structure: str | None, n_frames: int, dmin: float, steps: int) -> list[dict]:
     import pyro
-    from pyro.infer import Trace_ELBO
 
+    from physppl.inference.fit import fit
     from physppl.md_weights import analysis
+    from physppl.md_weights.api import build_model
     from physppl.md_weights.cc_fit import fit_pearson_cc
     from physppl.md_weights.data import MDWeightsDataSource
-    from physppl.md_weights.pipeline import build_guide, build_model, fit
-    from physppl.guides.md_weights import DirichletFrameGuide
-    from physppl.inference.optim import clipped_adam
-    from physppl.inference.svi import SVIEngine
+    from physppl.md_weights.parts import ENGINES, GUIDES, build_guide, initial_values
     from physppl.models.md_weights import FrameWeightsModel, diffuse_intensity
 
     torch.set_num_threads(1)
@@ -161,15 +164,17 @@ def accuracy_table(structure: str | None, n_frames: int, dmin: float, steps: int
     t0 = time.perf_counter()
     cc = fit_pearson_cc(data.frames, data.y, steps=steps, lr=0.05)
     rows.append(row("anchor: -CC, softmax, Adam", cc.weights, time.perf_counter() - t0))
-    pyro.clear_param_store()
     pyro.set_rng_seed(0)
     t0 = time.perf_counter()
-    model = build_model(partial(FrameWeightsModel), data)
-    guide = build_guide(partial(DirichletFrameGuide), model, data)
-    engine = SVIEngine(clipped_adam(lr=0.05, lrd=0.999), loss=Trace_ELBO(num_particles=8, vectorize_particles=True,
-                       max_plate_nesting=1), max_steps=steps, min_steps=300, rtol=1e-3, progress=False, checkpoint_every=0)
-    result = fit(model, data, engine, guide, n_draws=200)
-    rows.append(row("physppl: likelihood, Dirichlet guide (posterior mean)", result.flat("w").mean(0),
+    # what physppl.weigh_frames does, on the data prepared above: MAP warm start, the Dirichlet guide grouped by
+    # state, the job's SVI settings (pyro validation off, as in a job)
+    with pyro.validation_enabled(False):
+        model = build_model(partial(FrameWeightsModel), data)
+        kwargs = data.model_kwargs()
+        guide = build_guide(GUIDES["dirichlet"].build(), model, data.labels, initial_values(model, kwargs))
+        engine = ENGINES["svi"].build(max_steps=steps, min_steps=300, progress=False, checkpoint_every=0)
+        result = fit(model, guide, kwargs, engine, n_draws=200)
+    rows.append(row("physppl: likelihood, Dirichlet guide (posterior mean)", result.flat("w").double().numpy().mean(0),
                     time.perf_counter() - t0))
     return rows
 

@@ -51,7 +51,7 @@ def _timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, int]:
 def _physppl(name: str, overrides: list[str], unmerged: Path, ref: Path, out: Path, env: dict) -> dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "physppl.cli", f"data.path={unmerged}", f"data.reference={ref}",
-           f"hydra.run.dir={run_dir}", "inference.progress=false", *overrides]
+           f"hydra.run.dir={run_dir}", *overrides]
     wall, peak, rc = _timed(cmd, out / f"{name}.log", env)
     if rc != 0:
         return {"method": name, "error": f"exit {rc}, see {out / (name + '.log')}"}
@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         out.mkdir(parents=True, exist_ok=True)
         common = [f"threads={args.threads}"]
         results = [
-            _physppl("physppl", ["+experiment=merging_anomalous", *common, *args.physppl_overrides], unmerged, ref, out, env),
+            _physppl("physppl", ["+experiment=merging_anomalous", "inference.progress=false", *common,
+                                 *args.physppl_overrides], unmerged, ref, out, env),
             _physppl("weighted_mean", ["+experiment=merging_baseline", "data.anomalous=true", *common], unmerged, ref, out, env),
         ]
         if args.careless_bin and not args.no_careless:

@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 from physppl.inference.convert import Rescale, loo_summary, summarize, to_inference_data
 from physppl.inference.fit import Fit, fit as fit_model
-from physppl.inference.runner import Job, JobSettings, Result
+from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.io.frames import intensity_dataset, read_weights
 from physppl.io.mtz import mtz_writer
 from physppl.models.md_weights import FrameWeightsModel, diffuse_intensity
 
-from . import analysis, plots
+from . import analysis
 from .cc_fit import fit_pearson_cc
 from .data import MDData, MDWeightsDataSource
 from .parts import build_guide, initial_values, resolve_engine, resolve_guide
@@ -237,6 +237,8 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
              "cc_shells.csv": lambda p: shell_csv.to_csv(p, index=False)}
 
     def figures(out: Path) -> None:
+        from . import plots  # matplotlib only when figures are drawn
+
         plots.plot_weights(frames_tab, out / "weights.png")
         plots.plot_states(states_tab, out / "states.png")
         edges_d = 1.0 / np.sqrt(data.shell_edges)
@@ -251,8 +253,5 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
 def task(cfg: DictConfig, workdir: str | os.PathLike) -> FrameWeightsResult:
     """The command line's frame-weighting job: :func:`weigh_frames` with the configuration's values."""
     return weigh_frames(instantiate(cfg.data), model=instantiate(cfg.model), guide=instantiate(cfg.guide),
-                        engine=instantiate(cfg.inference), warm_start_steps=int(cfg.warm_start_steps),
-                        warm_start_lr=float(cfg.warm_start_lr), cc_baseline=bool(cfg.cc_baseline),
-                        cc_steps=int(cfg.cc_steps), cc_lr=float(cfg.cc_lr), n_draws=int(cfg.n_draws),
-                        log_likelihood=bool(cfg.log_likelihood), seed=int(cfg.seed), threads=cfg.threads,
-                        device=str(cfg.device), validate=bool(cfg.validate), workdir=workdir)
+                        engine=instantiate(cfg.inference), workdir=workdir,
+                        **config_options(cfg, weigh_frames, exclude=("model", "guide", "engine")))

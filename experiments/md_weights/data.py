@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from physppl.io.frames import (FrameInputError, ObservedTable, read_frames, read_labels, read_observed,
-                                         write_frames)
+from physppl.io.frames import FrameInputError, ObservedTable, read_frames, read_labels, read_observed, write_frames
 from physppl.inference.presets import signature_defaults
 from physppl.models.components.wilson import resolution_shells
 from physppl.models.md_weights import FrameFactors
@@ -126,6 +125,13 @@ def simulate_example(
     hinge angle differs from the frames': a true structure that is not among the frames.
     Returns (FrameSet, diffuse ObservedTable, Bragg ObservedTable, truth dict).
     """
+    # argument errors before any simulation (frames of a real structure take minutes)
+    if truth not in ("states", "frames", "subset"):
+        raise ValueError(f"truth must be 'states', 'frames' or 'subset', got {truth!r}")
+    if truth == "subset" and subset is None:
+        raise ValueError("truth='subset' needs subset=[first, stop) frame indices")
+    if observed_hinge_degrees is not None and structure is not None:
+        raise ValueError("observed_hinge_degrees applies to the toy molecule only")
     if structure is None:
         states = toy_states(hinge_degrees=hinge_degrees, seed=seed)
     else:
@@ -148,8 +154,6 @@ def simulate_example(
         truth_lab = np.repeat(np.arange(states.n_states), counts)
         truth_states = states
         if observed_hinge_degrees is not None:
-            if structure is not None:
-                raise ValueError("observed_hinge_degrees applies to the toy molecule only")
             truth_states = toy_states(hinge_degrees=observed_hinge_degrees, seed=seed)
         source = simulate_frames(truth_states, truth_lab, seed=seed + 1, progress=progress, **jitter)
         w_source = np.full(len(truth_lab), 1.0 / len(truth_lab))
@@ -159,16 +163,12 @@ def simulate_example(
             present = np.bincount(lab, minlength=states.n_states)
             per_frame = np.where(present[lab] > 0, masses[lab] / np.maximum(present[lab], 1), 0.0)
         else:
-            if subset is None:
-                raise ValueError("truth='subset' needs subset=[first, stop) frame indices")
             per_frame = np.zeros(len(lab))
             per_frame[subset[0]:subset[1]] = 1.0
         per_frame = per_frame / per_frame.sum()
         out_truth["weights"] = per_frame
         out_truth["state_masses"] = np.bincount(lab, weights=per_frame, minlength=states.n_states)
         source, w_source = frames, per_frame
-    else:
-        raise ValueError(f"truth must be 'states', 'frames' or 'subset', got {truth!r}")
     obs = simulate_observed(source, w_source, noise=noise, bragg_noise=bragg_noise, seed=seed + 2)
     frames.state_names = list(states.names)
     diffuse = ObservedTable(obs.hkl, obs.intensity, obs.sigma, obs.cell, obs.spacegroup)
@@ -358,6 +358,15 @@ class MDWeightsDataSource:
                 raise FrameInputError(f"{bragg.path or 'Bragg data'}: none of its reflections is among the fitted diffuse voxels")
             yb = np.where(bidx >= 0, bragg.intensity[np.maximum(bidx, 0)], np.nan)
             sb = None if bragg.sigma is None else np.where(bidx >= 0, bragg.sigma[np.maximum(bidx, 0)], np.nan)
+            # a voxel without a usable Bragg intensity is NaN in y_bragg (the model masks it) and gets a placeholder
+            # sigma of 1: the masked term's sd still enters the graph, and a NaN there would make the gradient of
+            # the Bragg noise factor NaN (0 * NaN)
+            usable = np.isfinite(yb) if sb is None else np.isfinite(yb) & np.isfinite(sb) & (sb > 0)
+            if not usable.any():
+                raise FrameInputError(f"{bragg.path or 'Bragg data'}: no Bragg intensity with a finite, positive sigma "
+                                      "among the fitted diffuse voxels")
+            yb = np.where(usable, yb, np.nan)
+            sb = None if sb is None else np.where(usable, sb, 1.0)
             ib_u = bragg_intensity(uniform, ff.block()).double().numpy()
             ib_u = ib_u / ib_u.mean()
             ok = np.isfinite(yb)

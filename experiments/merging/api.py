@@ -22,13 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from physppl.inference.convert import Rescale, summarize, to_inference_data
 from physppl.inference.fit import Fit, ProtocolError, fit as fit_model
-from physppl.inference.runner import Job, JobSettings, Result
-from physppl.io.mtz import read_merged_mtz, read_unmerged_mtz  # noqa: F401  (re-exported for users)
-from physppl.io.mtz import mtz_writer
+from physppl.inference.runner import Job, JobSettings, Result, config_options
+from physppl.io.mtz import mtz_writer, read_merged_mtz
 from physppl.models.merging import MergingModel
 from physppl.models.components.scale import initialize_scale
 
-from . import plots
 from .data import MergingData, MergingDataSource, initial_estimates
 from .parts import check_parts, resolve_engine, resolve_error_model, resolve_guide, resolve_likelihood, resolve_scale
 from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitudes, truth_metrics
@@ -300,6 +298,8 @@ def merge(
             files["cc_half.csv"] = lambda p, s=shells: s.to_csv(p, index=False)
 
         def figures(out: Path) -> None:
+            from . import plots  # matplotlib only when figures are drawn
+
             if log_scale is not None:
                 k = np.exp(log_scale)
                 img = data_.image.numpy()
@@ -342,5 +342,4 @@ def task(cfg: DictConfig, workdir: str | os.PathLike) -> MergeResult:
     """The command line's merging job: :func:`merge` with the configuration's values."""
     factory, parts = _model_factory(cfg.model)
     return merge(instantiate(cfg.data), model=factory, guide=instantiate(cfg.guide), engine=instantiate(cfg.inference),
-                 n_draws=int(cfg.n_draws), log_likelihood=bool(cfg.log_likelihood), seed=int(cfg.seed),
-                 threads=cfg.threads, device=str(cfg.device), validate=bool(cfg.validate), workdir=workdir, **parts)
+                 workdir=workdir, **parts, **config_options(cfg, merge, exclude=("model", "guide", "engine", *parts)))

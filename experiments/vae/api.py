@@ -20,19 +20,17 @@ import pandas as pd
 import pyro
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from physppl.inference.convert import to_inference_data
 from physppl.inference.fit import Fit, ProtocolError
 from physppl.inference.iwae import ImportanceEstimate, importance_log_weights
 from physppl.inference.presets import resolve_named
-from physppl.inference.runner import Job, JobSettings, Result
+from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.vae import check_support
 
-from . import plots
 from .data import ArrayDataSource, DigitsDataSource, IsingDataSource, VAEData
 from .parts import GUIDES, MODELS, resolve_engine
-from .physics import phase_analysis
 from .training import FitResult, amortization_gap, fit_vae
 
 __all__ = ["train_vae", "VAEResult", "Training", "Evaluation", "PhaseAnalysis", "task", "evaluate", "latent_posterior",
@@ -195,9 +193,9 @@ def train_vae(
     n_draws : int
         Latent draws per sample in ``posterior.nc``.
     """
-    tr = training if isinstance(training, Training) else Training(**training)
-    ev = evaluation if isinstance(evaluation, Evaluation) else Evaluation(**evaluation)
-    ph = physics if isinstance(physics, PhaseAnalysis) else PhaseAnalysis(**physics)
+    tr = Training(**training) if isinstance(training, dict) else training
+    ev = Evaluation(**evaluation) if isinstance(evaluation, dict) else evaluation
+    ph = PhaseAnalysis(**physics) if isinstance(physics, dict) else physics
     source = _source(data)
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
     with Job("vae", settings, inputs=[getattr(source, "path", None)], workdir=workdir, outputs=OUTPUT_FILES) as job:
@@ -280,6 +278,8 @@ def _evaluate(job: Job, d: VAEData, model, guide, fit: FitResult, x, x_train, x_
     # -- physics ---------------------------------------------------------------------------------------------
     analysis = None
     if d.meta.get("kind") == "ising" or {"temperature", "magnetization"} <= set(d.labels):
+        from .physics import phase_analysis  # scikit-learn: imported for Ising data only
+
         mu_train = guide.latent_mean(x_train).cpu().numpy()
         labels_train = {k: v[d.split["train"]] for k, v in d.labels.items()}
         analysis = phase_analysis(mu_train, labels_train, mu_test, labels_test, ordered_below=ph.ordered_below,
@@ -298,6 +298,8 @@ def _evaluate(job: Job, d: VAEData, model, guide, fit: FitResult, x, x_train, x_
                       "means": model.sample(32, mean=True).cpu().numpy(), "draws": model.sample(16, mean=False).cpu().numpy()}
 
     def figures(out: Path) -> None:
+        from . import plots  # matplotlib only when figures are drawn
+
         if not ev.figures:
             return
         if fit.losses:
@@ -325,18 +327,8 @@ def _evaluate(job: Job, d: VAEData, model, guide, fit: FitResult, x, x_train, x_
                       plot_losses=False, model=model, guide=guide, latents=table, data=d, training=fit)
 
 
-def _options(cfg: DictConfig, key: str) -> dict:
-    node = cfg.get(key)
-    return {} if node is None else OmegaConf.to_container(node, resolve=True)
-
-
 def task(cfg: DictConfig, workdir: str | os.PathLike) -> VAEResult:
     """The command line's VAE job: :func:`train_vae` with the configuration's values."""
-    evaluation = _options(cfg, "evaluation")
-    if evaluation.get("posterior_rows") is not None:
-        evaluation["posterior_rows"] = tuple(evaluation["posterior_rows"])
     return train_vae(instantiate(cfg.data), model=instantiate(cfg.model), guide=instantiate(cfg.guide),
-                     engine=instantiate(cfg.inference), training=_options(cfg, "training"), evaluation=evaluation,
-                     physics=_options(cfg, "physics"), n_draws=int(cfg.n_draws), log_likelihood=bool(cfg.log_likelihood),
-                     seed=int(cfg.seed), threads=cfg.threads, device=str(cfg.device), validate=bool(cfg.validate),
-                     workdir=workdir)
+                     engine=instantiate(cfg.inference), workdir=workdir,
+                     **config_options(cfg, train_vae, exclude=("model", "guide", "engine")))

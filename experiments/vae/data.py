@@ -1,6 +1,6 @@
 """Data sets for the VAE job: Ising configurations (simulated, cached), scikit-learn's 8x8 digits, user arrays.
 
-Each source is a small config object (``conf/data/{ising,digits,array}.yaml``) whose :meth:`load` returns a
+Each source is a small config object (the command line's ``data=ising|digits|array``) whose :meth:`load` returns a
 :class:`VAEData`: float32 samples, per-sample labels for colouring the latent space, and a train / validation /
 test split. Nothing is read or simulated until :meth:`load`.
 """

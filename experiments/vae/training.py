@@ -90,7 +90,7 @@ class HeldOutMonitor:
         elbo = heldout_elbo(self.model, self.guide, self.x_val, self.num_particles)
         if not math.isfinite(elbo):
             raise TrainingDivergedError(f"held-out ELBO is {elbo} at step {step}: training diverged; try a smaller "
-                                        "optim.lr")
+                                        "inference.optim.lr")
         train = float(np.mean(losses[-self.every:])) / self.n_train
         self.history.append({"step": step, "train_loss": train, "heldout_elbo": elbo})
         improved = elbo > self.best + self.min_delta
