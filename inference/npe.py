@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .device import resolve_device
+from .outputs import atomic_write
 from .svi import TrainingDivergedError
 
 __all__ = ["SBIPlan", "NPETrainer", "NPEResult", "AmortizedPosterior", "load_posterior", "VariationalFocus", "FocusResult", "importance_diagnostics",
@@ -111,10 +112,7 @@ class NPETrainer:
         self.seed = None if seed is None else int(seed)
 
     def _save(self, path: Path, state: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: torch.save(state, p))
 
     def fit(
         self,
@@ -268,8 +266,6 @@ class AmortizedPosterior(nn.Module):
             return self.flow.log_prob(self._as_tensor(theta), self._as_tensor(x))
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .outputs import atomic_write
-
         return atomic_write(path, lambda p: torch.save(self, p))
 
 

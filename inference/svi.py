@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .fit import Fit
 from .optim import ClippedAdam
+from .outputs import atomic_write
 
 __all__ = ["SVIEngine", "SVIResult", "TrainingDivergedError", "CheckpointError"]
 
@@ -140,10 +141,7 @@ class SVIEngine:
     def _save(self, path: Path, step: int, losses: list[float], model, guide, optimizer, generator) -> None:
         state = {"step": step, "losses": list(losses), "model": model.state_dict(), "guide": guide.state_dict(),
                  "optim": optimizer.state_dict(), "rng": pyro.util.get_rng_state(), "batch_rng": generator.get_state()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: torch.save(state, p))
 
     @staticmethod
     def _load(path: Path, model, guide, optimizer, generator) -> tuple[int, list[float]]:

@@ -22,6 +22,7 @@ from physppl.guides.beam import knife_edge_flow
 from physppl.inference.npe import SBIPlan, load_posterior
 from physppl.inference.runner import comparable_metrics
 from physppl.models.beam import PARAM_NAMES
+from readme_tools import command_lines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,18 +264,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert calls[1]["plan"] == "npe_amortized" and calls[2]["n_simulations"] == 3000
 
 
-def _readme_commands(path: Path) -> list[list[str]]:
-    """The ``physppl ...`` command lines of the README's Run section, as override lists (``hydra.*`` dropped)."""
-    section = path.read_text().split("## Run")[1].split("\n## ")[0]
-    block = re.findall(r"```bash\n(.*?)```", section, re.S)[0].replace("\\\n", " ")
-    block = re.sub(r"<[^>]*>", "PLACEHOLDER", block)  # hydra.run.dir=<previous run>
-    lines = [line.split("#")[0].split() for line in block.splitlines()]
-    return [[a for a in line[1:] if not a.startswith("hydra.")] for line in lines if line and line[0] == "physppl"]
-
-
 def test_readme_command_lines_compose():
     """Every command line of the README's Run section is a valid configuration (no option renamed away)."""
-    commands = _readme_commands(REPO / "experiments" / "beam_sbi" / "README.md")
+    commands = command_lines(REPO / "experiments" / "beam_sbi" / "README.md", "## Run")
     assert len(commands) == 7
     with initialize_config_module("physppl.conf", version_base="1.3"):
         for overrides in commands:

@@ -29,6 +29,7 @@ from physppl.vae.api import Evaluation, Training
 from physppl.vae.data import DigitsDataSource, IsingDataSource
 from physppl.vae.parts import GUIDES, MODELS
 from physppl.vae.physics import phase_analysis, switch_temperature
+from readme_tools import command_lines
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["inference.progress=false", "training.epochs=2", "training.eval_particles=1", "evaluation.iwae_particles=20",
@@ -345,18 +346,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert -25.0 < float(ns["est"].iwae.mean()) < -21.5, float(ns["est"].iwae.mean())
 
 
-def _readme_commands(path: Path) -> list[list[str]]:
-    """The ``physppl ...`` command lines of the README's Run section, as override lists (``hydra.*`` dropped)."""
-    section = path.read_text().split("## Run")[1].split("\n## ")[0]
-    block = re.findall(r"```bash\n(.*?)```", section, re.S)[0].replace("\\\n", " ")
-    block = re.sub(r"<[^>]*>", "PLACEHOLDER", block)  # hydra.run.dir=<previous run>
-    lines = [line.split("#")[0].split() for line in block.splitlines()]
-    return [[a for a in line[1:] if not a.startswith("hydra.")] for line in lines if line and line[0] == "physppl"]
-
-
 def test_readme_command_lines_compose():
     """Every command line of the README's Run section is a valid configuration (no option renamed away)."""
-    commands = _readme_commands(REPO / "experiments" / "vae" / "README.md")
+    commands = command_lines(REPO / "experiments" / "vae" / "README.md", "## Run")
     assert len(commands) == 7
     with initialize_config_module("physppl.conf", version_base="1.3"):
         for overrides in commands:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from physppl.io.frames import FrameInputError, ObservedTable, read_frames, read_labels, read_observed, write_frames
+from physppl.inference.outputs import atomic_write
 from physppl.inference.presets import signature_defaults
 from physppl.models.components.wilson import resolution_shells
 from physppl.models.md_weights import FrameFactors
@@ -270,13 +271,14 @@ class MDWeightsDataSource:
                 return tuple(z["bundle"].item())
         bundle = simulate_example(progress=progress, **settings)
         if path is not None:  # frames of a real structure take minutes: keep them for the next run
-            path.parent.mkdir(parents=True, exist_ok=True)
             bundle_arr = np.empty((), dtype=object)
             bundle_arr[()] = bundle
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.savez(fh, bundle=bundle_arr)
-            os.replace(tmp, path)
+
+            def write(p: pathlib.Path) -> None:
+                with open(p, "wb") as fh:  # a file object: np.savez would append .npz to a bare path
+                    np.savez(fh, bundle=bundle_arr)
+
+            atomic_write(path, write)
         return bundle
 
     # -- preparation ---------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from physppl.inference.optim import ClippedAdam
 from physppl.inference.outputs import atomic_write, write_json
 from physppl.inference.svi import SVIEngine, TrainingDivergedError
 
+from .options import Evaluation, Training
+
 __all__ = ["HeldOutMonitor", "FitResult", "fit_vae", "heldout_elbo", "amortization_gap"]
 
 log = logging.getLogger(__name__)
@@ -125,9 +127,10 @@ class FitResult:
 
 
 def fit_vae(model, guide, x_train: torch.Tensor, x_val: torch.Tensor, engine: SVIEngine,
-            workdir: Path | None = None, epochs: int | None = None, eval_every_epochs: int = 1,
-            patience: int | None = 10, min_delta: float = 0.0, eval_particles: int = 1,
-            convergence_test: bool = False, restore_best: bool = True) -> FitResult:
+            workdir: Path | None = None, epochs: int | None = Training.epochs,
+            eval_every_epochs: int = Training.eval_every_epochs, patience: int | None = Training.patience,
+            min_delta: float = Training.min_delta, eval_particles: int = Training.eval_particles,
+            convergence_test: bool = Training.convergence_test, restore_best: bool = True) -> FitResult:
     """Minibatch SVI on ``x_train`` with held-out evaluation on ``x_val``; the best parameters are restored.
 
     ``epochs`` (if given) sets the engine's step budget to ``epochs`` passes over the training set. Without
@@ -156,8 +159,9 @@ def fit_vae(model, guide, x_train: torch.Tensor, x_val: torch.Tensor, engine: SV
                            "eval_time": monitor.eval_time})
 
 
-def amortization_gap(model, guide, x: torch.Tensor, steps: int = 500, lr: float = 0.05, particles: int = 100,
-                     num_particles: int = 8, iwae_particles: int = 0, progress: bool = False) -> dict:
+def amortization_gap(model, guide, x: torch.Tensor, steps: int = Evaluation.gap_steps, lr: float = Evaluation.gap_lr,
+                     particles: int = Evaluation.gap_particles, num_particles: int = 8, iwae_particles: int = 0,
+                     progress: bool = False) -> dict:
     """ELBO of the amortized encoder vs. a per-sample mean-field Gaussian optimised with the decoder fixed.
 
     The mean-field guide starts at the encoder's Gaussian (its base distribution when the guide has a flow), so
