@@ -31,6 +31,7 @@ import torch
 
 from .device import resolve_device
 from .outputs import LOSSES_FILE, atomic_write, protect_inputs, write_json
+from .reliability import flag_unreliable
 
 __all__ = ["JobSettings", "Job", "Result", "round_metrics", "MACHINE_METRICS", "comparable_metrics", "config_options"]
 
@@ -155,7 +156,7 @@ class Job:
         if losses is not None and not isinstance(losses, pd.DataFrame):
             losses = np.asarray(losses, dtype=float).reshape(-1)
             losses = pd.DataFrame({"step": np.arange(1, losses.size + 1), "loss": losses}) if losses.size else None
-        return cls(metrics=round_metrics(metrics), losses=losses, inputs=self.inputs, **values)
+        return cls(metrics=flag_unreliable(round_metrics(metrics)), losses=losses, inputs=self.inputs, **values)
 
 
 @dataclass

@@ -334,3 +334,24 @@ def test_masked_and_weighted_points_count_in_the_log_likelihood_as_the_model_cou
     assert (ll[~present.numpy()] == 0).all()  # no term for a missing measurement, and no Jacobian either
     obs = idata.observed_data["y"].values
     assert np.isnan(obs[~present.numpy()]).all() and np.allclose(obs[present.numpy()], 2.0 * y[:20][present].numpy())
+
+
+def test_unreliable_diagnostics_become_warnings_and_a_flag(caplog):
+    """Each diagnostic past its limit is logged as a WARNING and listed in ``metrics["warnings"]``; passing values
+    leave the result reliable."""
+    from physppl.inference.reliability import flag_unreliable
+
+    good = flag_unreliable({"divergences": 0, "max_rhat_w": 1.003, "loo_pareto_k_above_0.7": 0.0,
+                            "loo_pareto_k_max": 0.5, "focus_pareto_k_max": 0.69, "converged": False,
+                            "stop_reason": "early stopping at step 10", "unidentified_states": []})
+    assert good["reliable"] is True and good["warnings"] == []
+    with caplog.at_level("WARNING"):
+        bad = flag_unreliable({"divergences": 3, "r_hat_max": 1.05, "loo_pareto_k_above_0.7": 0.012,
+                               "loo_pareto_k_max": 2.4, "focus_pareto_k_max": 0.8, "converged": False,
+                               "stop_reason": "step budget of 2000 reached", "unidentified_states": ["A", "B"]})
+    assert bad["reliable"] is False
+    heads = sorted(w.split(":")[0] for w in bad["warnings"])
+    assert heads == ["divergences", "focus_pareto_k_max", "loo_pareto_k", "not_converged", "r_hat_max",
+                     "unidentified_states"]
+    assert sum("unreliable result" in r.getMessage() for r in caplog.records if r.levelname == "WARNING") == 6
+    assert "1.2% of points" in " ".join(bad["warnings"])

@@ -48,6 +48,7 @@ def test_two_frames_without_bragg_the_split_is_its_prior_and_flagged():
     assert np.quantile(w1, 0.05) < 0.12 and np.quantile(w1, 0.95) > 0.88
     assert (result.states["contraction"] < 0.5).all()
     assert sorted(result.metrics["unidentified_states"]) == sorted(result.states["state"])  # and the run says so
+    assert result.metrics["reliable"] is False and any(w.startswith("unidentified_states") for w in result.metrics["warnings"])
 
 
 @pytest.mark.parametrize("split", [0.7, pytest.param(0.5, marks=pytest.mark.slow)])

@@ -194,9 +194,7 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
     metrics["min_contraction"] = float(states_tab["contraction"].min())
     unidentified = states_tab.loc[states_tab["contraction"] < 0.5, "state"].tolist()
     metrics["unidentified_states"] = unidentified
-    if unidentified:
-        log.warning("the data barely inform the mass of state(s) %s (posterior variance > half the prior's): "
-                    "their weights are not identified; see states.csv (contraction)", unidentified)
+    # the job runner warns about them (posterior variance > half the prior's: see states.csv, contraction)
     metrics.update(analysis.weight_errors(w.mean(0), data.labels, truth))
     if truth:
         metrics["true_state_mass"] = dict(zip(truth["state_names"], truth["state_masses"]))
