@@ -14,14 +14,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import get_method
 from omegaconf import DictConfig, ListConfig
 
 from physppl.inference.fit import ProtocolError
+from physppl.inference.interrupt import Interrupted
 from physppl.inference.plugins import require_plugins
 from physppl.inference.svi import CheckpointError, TrainingDivergedError
+from physppl.inference.validate import check_node
 
-__all__ = ["run", "main", "objective_value", "check_sweeper"]
+__all__ = ["run", "main", "objective_value", "check_sweeper", "experiments"]
 
 log = logging.getLogger("physppl")
 # arviz 0.23 logs at INFO, on import, that its 1.x preview packages are absent: noise in every job's log
@@ -40,6 +43,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
     output_dir = Path(output_dir)
+    for key in cfg:  # option types, before any work (Hydra checks only what its structured configs declare)
+        check_node(cfg[key], str(key))
     output_dir.mkdir(parents=True, exist_ok=True)
     result = get_method(cfg.task)(cfg, output_dir)
     result.save(output_dir)
@@ -98,9 +103,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if warning:
         log.warning(warning)
     try:
-        metrics = run(cfg)
+        try:
+            metrics = run(cfg)
+        except InstantiationException as err:  # hydra wraps a constructor's error: report the error itself
+            cause = err.__cause__
+            if isinstance(cause, (ValueError, ProtocolError, FileNotFoundError)):
+                raise cause from None
+            raise
         # a scalar for sweepers (e.g. optuna): the experiment names its objective in cfg.objective
         return objective_value(cfg, metrics, required=direction is not None)
+    except Interrupted as err:
+        # one line and the shell's status for the signal (130 SIGINT, 143 SIGTERM), not a traceback
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.getcwd()
+        how = (f"; resume with the same command and inference.resume=true hydra.run.dir={run_dir}"
+               if err.checkpoint is not None else "")
+        log.warning("interrupted by %s", err)
+        print(f"physppl: interrupted by {err}{how}", file=sys.stderr, flush=True)
+        sys.exit(err.exit_status)
     except (ValueError, ProtocolError, FileNotFoundError, TrainingDivergedError) as err:
         # a clear one-line error for bad input or divergence, instead of a traceback
         hint = next((h for kind, h in _HINTS.items() if isinstance(err, kind)), None)
@@ -108,9 +127,44 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(f"physppl: error: {err}" + (f" ({hint})" if hint else ""))
 
 
+def experiments() -> dict[str, str]:
+    """Each built-in experiment with its one-line description (the first comment of its yaml)."""
+    from importlib.resources import files
+
+    out = {}
+    for path in sorted(files("physppl.conf").joinpath("experiment").iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".yaml"):
+            continue
+        comments = [ln.lstrip("# ").strip() for ln in path.read_text().splitlines()
+                    if ln.startswith("#") and "@package" not in ln]
+        out[path.name.removesuffix(".yaml")] = comments[0].split(": physppl ")[0] if comments else ""
+    return out
+
+
+def _help() -> str:
+    width = max(len(n) for n in experiments()) + len("+experiment=")
+    lines = ["usage: physppl +experiment=<name> [key=value ...]      (Hydra overrides; -m for a sweep)", "",
+             "experiments:"]
+    lines += [f"  {'+experiment=' + name:<{width}}  {text}" for name, text in experiments().items()]
+    lines += ["", "  physppl +experiment=<name> --cfg job    print the configuration that would run",
+              "  physppl --hydra-help                    Hydra's own options (launchers, sweepers, logging)",
+              "  physppl --version                       physppl's version",
+              "", "Every option is described in README.md and in each problem's experiments/<problem>/README.md."]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    args = sys.argv[1:]
+    if "--version" in args:
+        from importlib.metadata import version
+
+        print(f"physppl {version('physppl')}")
+        return
+    if "--help" in args or "-h" in args:  # Hydra's --help would describe Hydra; this lists what physppl runs
+        print(_help())
+        return
     # name the pip package of a missing launcher/sweeper before Hydra fails with a bare "could not find"
-    require_plugins(sys.argv[1:])
+    require_plugins(args)
     _hydra_main()
 
 

@@ -20,6 +20,7 @@ import copy
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .device import resolve_device
+from .interrupt import Interrupted, requested_signal, watch_signals
 from .outputs import atomic_write
 from .svi import TrainingDivergedError
 
@@ -170,8 +172,14 @@ class NPETrainer:
         bar = tqdm(total=self.max_epochs, initial=result.epochs, disable=not self.progress, desc="NPE", dynamic_ncols=True,
                    mininterval=1.0)
         result.stop_reason = f"epoch budget of {self.max_epochs} reached"
+        watch = watch_signals()
+        chain = watch.__enter__()
         try:
             while result.epochs < self.max_epochs:
+                if requested_signal() is not None:  # each epoch ends with a checkpoint: stop between epochs
+                    chain()
+                    raise Interrupted(requested_signal(), result.epochs, ckpt if ckpt is not None and ckpt.exists()
+                                      else None, unit="epoch")
                 if since_best >= self.patience:
                     result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"
                     break
@@ -218,9 +226,11 @@ class NPETrainer:
                 if self.max_time is not None and time.perf_counter() - t0 > self.max_time:
                     result.stop_reason = f"time budget of {self.max_time:g} s reached"
                     break
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"interrupted at epoch {result.epochs}; checkpoint in {ckpt}; rerun with resume") from None
+        except KeyboardInterrupt:  # a second Ctrl-C mid-epoch: the last epoch's checkpoint stands
+            raise Interrupted(signal.SIGINT, result.epochs, ckpt if ckpt is not None and ckpt.exists() else None,
+                              unit="epoch") from None
         finally:
+            watch.__exit__(None, None, None)
             bar.close()
         if since_best >= self.patience and "stopped" not in result.stop_reason:
             result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"

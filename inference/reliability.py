@@ -13,7 +13,7 @@ The rules read only generic metric names, so they apply to every problem that re
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["PARETO_K_LIMIT", "R_HAT_LIMIT", "reliability_warnings", "flag_unreliable"]
 
@@ -35,7 +35,7 @@ def reliability_warnings(metrics: dict[str, Any]) -> list[str]:
             out.append(f"{key}: {rhat:.3f} > {R_HAT_LIMIT} (the chains disagree; run longer)")
     reason = str(metrics.get("stop_reason", ""))
     if metrics.get("converged") is False and "budget" in reason:
-        out.append(f"not_converged: {reason} before the loss met the convergence test (raise the budget)")
+        out.append(f"not_converged: {reason} before the loss met the convergence test")
     share = metrics.get("loo_pareto_k_above_0.7")
     if isinstance(share, (int, float)) and share > 0:
         out.append(f"loo_pareto_k: {100 * share:.2g}% of points have Pareto k > {PARETO_K_LIMIT} "
@@ -50,9 +50,13 @@ def reliability_warnings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
-def flag_unreliable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` with ``warnings`` and ``reliable`` set from :func:`reliability_warnings`; each warning logged."""
+def flag_unreliable(metrics: dict[str, Any], hints: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``metrics`` with ``warnings`` and ``reliable`` set from :func:`reliability_warnings`; each warning logged.
+    ``hints`` adds advice to the warnings it names by their first word (e.g. ``{"not_converged": "raise
+    training.epochs"}``: the problem knows which option sets its budget)."""
     found = reliability_warnings(metrics)
+    hints = dict(hints or {})
+    found = [f"{w}; {hints[w.split(':')[0]]}" if w.split(":")[0] in hints else w for w in found]
     for message in found:
         log.warning("unreliable result: %s", message)
     return {**metrics, "reliable": not found, "warnings": found}

@@ -22,7 +22,7 @@ import resource
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ import pyro
 import torch
 
 from .device import resolve_device
+from .interrupt import watch_signals
 from .outputs import LOSSES_FILE, atomic_write, protect_inputs, write_json
 from .reliability import flag_unreliable
 
@@ -99,11 +100,16 @@ class Job:
         job that writes nothing until :meth:`Result.save`.
     outputs : names
         Files the job will write in ``workdir``, checked against ``inputs`` before any work.
+    hints : dict
+        Advice appended to the reliability warnings of :mod:`~physppl.inference.reliability` that it names, e.g.
+        which option raises the step budget.
     """
 
     def __init__(self, name: str, settings: JobSettings | None = None, *, inputs: Iterable = (),
-                 workdir: str | os.PathLike | None = None, outputs: Sequence[str] = ()):
+                 workdir: str | os.PathLike | None = None, outputs: Sequence[str] = (),
+                 hints: Mapping[str, str] | None = None):
         self.name = name
+        self.hints = dict(hints or {})
         self.settings = settings or JobSettings()
         self.inputs = protect_inputs(*[p for p in inputs if p is not None])
         self.workdir = None if workdir is None else Path(workdir)
@@ -134,10 +140,13 @@ class Job:
         self._validation = pyro.validation_enabled(bool(s.validate))
         self._validation.__enter__()
         pyro.set_rng_seed(self.seed)
+        self._signals = watch_signals()  # a signal stops the job at its engine's next step boundary
+        self._signals.__enter__()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._signals.__exit__(*exc)
         self._validation.__exit__(*exc)
         self._store.__exit__(*exc)
         torch.set_num_threads(self._threads)
@@ -156,7 +165,7 @@ class Job:
         if losses is not None and not isinstance(losses, pd.DataFrame):
             losses = np.asarray(losses, dtype=float).reshape(-1)
             losses = pd.DataFrame({"step": np.arange(1, losses.size + 1), "loss": losses}) if losses.size else None
-        return cls(metrics=flag_unreliable(round_metrics(metrics)), losses=losses, inputs=self.inputs, **values)
+        return cls(metrics=flag_unreliable(round_metrics(metrics), self.hints), losses=losses, inputs=self.inputs, **values)
 
 
 @dataclass

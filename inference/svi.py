@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
 from tqdm.auto import tqdm
 
+from .fingerprint import MAY_CHANGE_ON_RESUME, fingerprint, fingerprint_differences
 from .fit import Fit
+from .interrupt import Interrupted, requested_signal, watch_signals
 from .optim import ClippedAdam
 from .outputs import atomic_write
 
@@ -104,7 +107,7 @@ class SVIEngine:
         batch_order: str = "random",
         checkpoint_every: int = 500,
         checkpoint_path: str | os.PathLike | None = None,
-        resume: bool = False,
+        resume: bool | str = False,
         progress: bool = True,
     ):
         if int(max_steps) < 1:
@@ -125,7 +128,10 @@ class SVIEngine:
         self.batch_order = batch_order
         self.checkpoint_every = int(checkpoint_every)
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
-        self.resume = bool(resume)
+        if resume not in (True, False, "auto"):
+            raise ValueError(f"SVIEngine: resume must be true, false or 'auto' (resume when a checkpoint exists), "
+                             f"got {resume!r}")
+        self.resume = resume
         self.progress = bool(progress)
 
     def __repr__(self) -> str:
@@ -138,18 +144,27 @@ class SVIEngine:
             return self.checkpoint_path
         return Path(workdir) / "checkpoint.pt" if workdir is not None else None
 
-    def _save(self, path: Path, step: int, losses: list[float], model, guide, optimizer, generator) -> None:
+    def _save(self, path: Path, step: int, losses: list[float], model, guide, optimizer, generator,
+              print_: dict) -> None:
+        # pyro's RNG state holds torch's, numpy's and Python's; the minibatch order has its own generator
         state = {"step": step, "losses": list(losses), "model": model.state_dict(), "guide": guide.state_dict(),
-                 "optim": optimizer.state_dict(), "rng": pyro.util.get_rng_state(), "batch_rng": generator.get_state()}
+                 "optim": optimizer.state_dict(), "rng": pyro.util.get_rng_state(), "batch_rng": generator.get_state(),
+                 "fingerprint": print_}
         atomic_write(path, lambda p: torch.save(state, p))
 
     @staticmethod
-    def _load(path: Path, model, guide, optimizer, generator) -> tuple[int, list[float]]:
+    def _load(path: Path, model, guide, optimizer, generator, print_: dict) -> tuple[int, list[float]]:
         # onto the CPU first: load_state_dict copies each tensor to its parameter's device (a GPU run resumes on CPU)
         try:
             state = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as err:  # torch raises several types for a truncated or foreign file
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
+        if "fingerprint" in state:
+            differ = fingerprint_differences(state["fingerprint"], print_)
+            if differ:
+                raise CheckpointError(
+                    f"checkpoint {path} was written for another problem: {', '.join(differ)} differ from this "
+                    f"run's; only {', '.join(MAY_CHANGE_ON_RESUME)} may change on resume")
         for name, module in (("model", model), ("guide", guide)):
             try:
                 module.load_state_dict(state[name])
@@ -206,6 +221,7 @@ class SVIEngine:
         """
         data = dict(data or {})
         ckpt = self.checkpoint_file(workdir)
+        resume = self.resume is True or (self.resume == "auto" and ckpt is not None and ckpt.exists())
         result = SVIResult()
         # the minibatch order has its own generator, saved in checkpoints, so a resumed run continues the same stream
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
@@ -218,12 +234,14 @@ class SVIEngine:
             elbo(**data, subsample=first)
         pyro.util.set_rng_state(rng)
         optimizer = self.optim({"model": model, "guide": guide})
+        print_ = fingerprint(model, guide, data, objective=self.loss, optim=self.optim,
+                             extra={"n_data": n_data, "batch_size": self.batch_size, "batch_order": self.batch_order})
         start_step = 0
-        if self.resume:
+        if resume:
             if ckpt is None or not ckpt.exists():
                 raise CheckpointError(f"resume was asked for, but there is no checkpoint at {ckpt}: resume in the "
                                       "directory of the interrupted run, or give its checkpoint_path")
-            start_step, result.losses = self._load(ckpt, model, guide, optimizer, generator)
+            start_step, result.losses = self._load(ckpt, model, guide, optimizer, generator, print_)
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)
         batches = self._batches(n_data, generator)
@@ -231,8 +249,15 @@ class SVIEngine:
         step = start_step
         bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI",
                    dynamic_ncols=True, mininterval=1.0)
+        watch = watch_signals()
+        chain = watch.__enter__()
         try:
             while step < self.max_steps:
+                if requested_signal() is not None:  # at a step boundary: the checkpoint is consistent
+                    if ckpt is not None:
+                        self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
+                    chain()
+                    raise Interrupted(requested_signal(), step, ckpt)
                 optimizer.zero_grad()
                 loss_t = elbo(**data, subsample=next(batches))
                 loss = float(loss_t.detach())
@@ -249,7 +274,7 @@ class SVIEngine:
                 if step % 25 == 0:
                     bar.set_postfix(loss=f"{np.mean(result.losses[-25:]):.5g}")
                 if ckpt is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
-                    self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
+                    self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
                 stop = callback(step, result.losses) if callback is not None else None
                 if stop:
                     result.stop_reason = stop if isinstance(stop, str) else f"stopped by callback at step {step}"
@@ -260,15 +285,15 @@ class SVIEngine:
                     break
             else:
                 result.stop_reason = f"step budget of {self.max_steps} reached"
-        except KeyboardInterrupt:
-            if ckpt is None:
-                raise
-            self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
-            raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved to {ckpt}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread, in the middle of a step
+            if ckpt is not None:  # as of the last completed step (an interrupted optimiser step is the rare loss)
+                self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
+            raise Interrupted(signal.SIGINT, step, ckpt) from None
         finally:
+            watch.__exit__(None, None, None)
             bar.close()
         if ckpt is not None:
-            self._save(ckpt, step, result.losses, model, guide, optimizer, generator)
+            self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
         result.steps = step
         result.wall_time = time.perf_counter() - t0
         log.info("SVI: %s; final loss %.6g; %.1f s", result.stop_reason, result.final_loss, result.wall_time)

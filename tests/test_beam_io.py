@@ -93,3 +93,14 @@ def test_missing_and_unknown_files(tmp_path):
     (tmp_path / "broken.npy").write_text("not numpy")
     with pytest.raises(ScanInputError, match="broken.npy: not a readable .npy"):
         read_scans(tmp_path / "broken.npy")
+
+
+def test_a_bad_value_in_a_plain_csv_is_named_by_its_line(tmp_path, scans):
+    lines = [repr(float(v)) for v in scans[0]]
+    lines[10] = "4.29x"
+    (tmp_path / "bad.csv").write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n")  # a blank line
+    with pytest.raises(ScanInputError, match=r"line 12, column '1': '4.29x' is not a number"):
+        read_scans(tmp_path / "bad.csv")
+    (tmp_path / "ragged.csv").write_text("1,2,3\n4,5\n")
+    with pytest.raises(ScanInputError, match="line 2 has 2 values, line 1 has 3"):
+        read_scans(tmp_path / "ragged.csv")

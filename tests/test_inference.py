@@ -15,6 +15,7 @@ from physppl.inference.fit import Fit, ProtocolError, fit
 from physppl.inference.map import MAPEngine
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import ClippedAdam
+from physppl.inference.interrupt import Interrupted
 from physppl.inference.svi import CheckpointError, SVIEngine, TrainingDivergedError
 
 PRIOR_SD = 10.0
@@ -147,7 +148,7 @@ def test_resume_errors_name_the_checkpoint(y, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         _engine(resume=True).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
     _engine(max_steps=5).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
-    with pytest.raises(CheckpointError, match="does not fit this guide"):  # a guide of another shape
+    with pytest.raises(CheckpointError, match="another problem: guide differ"):  # a guide of another structure
         _engine(max_steps=10, resume=True).run(Model(), NetGuide(), {"y": y}, workdir=tmp_path)
 
 
@@ -223,10 +224,46 @@ def test_interrupt_saves_a_checkpoint_and_says_where(y, tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ELBOModule, "forward", forward)
-    with pytest.raises(KeyboardInterrupt, match="interrupted at step 39.*checkpoint saved"):
+    with pytest.raises(Interrupted, match="SIGINT at step 39: checkpoint saved") as err:
         _engine(max_steps=100).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
+    assert err.value.exit_status == 130
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 39 and len(state["losses"]) == 39
+
+
+def test_a_signal_stops_at_the_next_step_boundary_and_resumes_exactly(y, tmp_path):
+    """SIGTERM during step 30 (sent by the callback, as a batch system would): the step finishes, the checkpoint
+    holds 30 steps, and resuming to 60 gives the parameters of an uninterrupted 60-step run."""
+    import os
+    import signal
+
+    def send(step, losses):
+        if step == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model, guide = Model(), PointGuide()
+    pyro.set_rng_seed(0)
+    with pytest.raises(Interrupted, match="SIGTERM at step 30") as err:
+        _engine(max_steps=60).run(model, guide, {"y": y}, workdir=tmp_path / "a", callback=send)
+    assert err.value.exit_status == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed = Model(), PointGuide()
+    _engine(max_steps=60, resume=True).run(*resumed, {"y": y}, workdir=tmp_path / "a")
+    straight = Model(), PointGuide()
+    pyro.set_rng_seed(0)
+    _engine(max_steps=60).run(*straight, {"y": y}, workdir=tmp_path / "b")
+    for p, q in zip(resumed[1].parameters(), straight[1].parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(y, tmp_path):
+    _engine(max_steps=10).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)
+    other = Model()
+    other.extra = torch.nn.Linear(1, 1)  # another structure, same parameters of the guide
+    with pytest.raises(CheckpointError, match="model differ.*max_steps"):
+        _engine(max_steps=20, resume=True).run(other, PointGuide(), {"y": y}, workdir=tmp_path)
+    with pytest.raises(CheckpointError, match="data.y differ"):
+        _engine(max_steps=20, resume=True).run(Model(), PointGuide(), {"y": y + 1}, workdir=tmp_path)
+    _engine(max_steps=20, resume=True).run(Model(), PointGuide(), {"y": y}, workdir=tmp_path)  # a longer budget is fine
 
 
 def test_block_minibatches_are_contiguous_and_cover_every_index():

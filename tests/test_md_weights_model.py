@@ -206,3 +206,14 @@ def test_guide_rejects_wrong_group_length():
     model, _ = _tiny_model()
     with pytest.raises(ValueError, match="one label per frame"):
         DirichletFrameGuide(model, groups=[0, 1])
+
+
+def test_a_single_state_has_no_contraction_and_is_not_called_unidentified():
+    """One state has mass 1 under any weights: its prior sd is 0, so the contraction is undefined (NaN), not a
+    ratio of rounding errors, and the state is not reported as unidentified."""
+    from physppl.md_weights.analysis import state_table
+
+    draws = np.random.default_rng(0).dirichlet(np.ones(4), size=200)
+    table = state_table(draws, np.zeros(4, dtype=int), ["state0"], (np.array([1.0]), np.array([0.0])))
+    assert table["mean"].iloc[0] == pytest.approx(1.0) and np.isnan(table["contraction"].iloc[0])
+    assert not (table["contraction"] < 0.5).any()

@@ -153,3 +153,30 @@ def test_merge_takes_an_unmerged_dataset_and_leaves_the_callers_parameter_store_
     assert res.metrics["engine"] == "weighted_mean" and len(res.mtz) == res.metrics["n_refl"]
     assert "log_likelihood" not in res.idata.groups()  # the weighted mean has no likelihood
     assert isinstance(res.table, pd.DataFrame) and {"H", "K", "L", "F", "SIGF"} <= set(res.table.columns)
+
+
+def test_merged_mtz_has_history_and_the_asked_free_r_flags(tmp_path):
+    """merged.mtz says what wrote it; free_r=0.05 adds new flags (about 5%), free_r=<file> keeps a user's by
+    Miller index, and a file without flags is refused before any work."""
+    import gemmi
+
+    quick = ENGINES["svi"].build(max_steps=20, min_steps=20, progress=False)
+    first = physppl.merge(simulate=SIM, engine=quick, n_draws=5, half_datasets=False, free_r=0.05)
+    first.save(tmp_path / "a")
+    mtz = gemmi.read_mtz_file(str(tmp_path / "a" / "merged.mtz"))
+    assert mtz.history[0].startswith("From physppl ") and "merge" in mtz.history[0]
+    flags = first.mtz["R-free-flags"].to_numpy()
+    assert set(np.unique(flags)) == {0, 1} and 0.03 < flags.mean() < 0.07
+    again = physppl.merge(simulate=SIM, engine=quick, n_draws=5, half_datasets=False,
+                          free_r=str(tmp_path / "a" / "merged.mtz"))
+    np.testing.assert_array_equal(again.mtz["R-free-flags"].to_numpy(), flags)
+    with pytest.raises(ValueError, match="no free-R column"):
+        physppl.merge(simulate=SIM, engine=_engine(), free_r=str(small_mtz_without_flags(tmp_path)))
+
+
+def small_mtz_without_flags(tmp_path):
+    path = tmp_path / "noflags.mtz"
+    ds = rs.DataSet({"H": [1], "K": [0], "L": [0], "F": [1.0]}, cell=[10, 10, 10, 90, 90, 90], spacegroup="P 1")
+    ds = ds.astype({"H": "HKL", "K": "HKL", "L": "HKL", "F": "SFAmplitude"}).set_index(["H", "K", "L"])
+    ds.write_mtz(str(path))
+    return path

@@ -223,6 +223,15 @@ def test_nan_intensity_counted(tmp_path):
         read_unmerged_mtz(path)
 
 
+def test_all_sigmas_unusable_asks_for_another_column_not_for_dropping(tmp_path):
+    ds = _with_sigmas({k: np.nan for k in range(len(make_unmerged()))})
+    path = write(ds, tmp_path / "allnan.mtz")
+    for drop in (False, True):  # dropping every row is no fix, so the advice is the same either way
+        with pytest.raises(MTZInputError, match=r"none of its \d+ rows is usable.*data.columns.sigma") as err:
+            read_unmerged_mtz(path, drop_bad_sigma=drop)
+        assert "drop_bad_sigma" not in str(err.value)
+
+
 def test_drop_bad_sigma_warns_and_drops(tmp_path):
     ds = _with_sigmas({0: np.nan, 1: 0.0, 2: -3.0})
     path = write(ds, tmp_path / "bad.mtz")

@@ -24,10 +24,11 @@ MTZ type  meaning                    examples
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import gemmi
 import numpy as np
@@ -43,9 +44,13 @@ __all__ = [
     "read_merged_mtz",
     "write_mtz_atomic",
     "mtz_writer",
+    "add_free_r",
+    "check_free_r_file",
+    "history_lines",
 ]
 
 PathLike = str | os.PathLike
+log = logging.getLogger(__name__)
 
 #: Configuration keys through which the application passes column names.
 HYDRA_KEYS = {
@@ -359,6 +364,13 @@ def _bad_value_mask(
     nonpos_s = np.isfinite(s) & (s <= 0.0)
     bad = bad_i | nan_s | nonpos_s
     n_bad = int(bad.sum())
+    if n_bad == len(ds):  # dropping them would leave nothing: another column is the only fix
+        raise MTZInputError(
+            f"{str(path)!r}: none of its {len(ds)} rows is usable (column {s_col!r}: {int(nan_s.sum())} NaN/inf, "
+            f"{int(nonpos_s.sum())} zero or negative; column {i_col!r}: {int(bad_i.sum())} NaN/inf). Choose "
+            f"other columns (data.columns.intensity=..., data.columns.sigma=...); columns of this file: "
+            f"{', '.join(map(str, ds.columns))}"
+        )
     if n_bad and not drop_bad_sigma:
         raise MTZInputError(
             f"{str(path)!r}: {n_bad} of {len(ds)} rows have unusable values "
@@ -606,6 +618,8 @@ def read_unmerged_mtz(
     i_col = _find_intensity(p, mtz, intensity)
     s_col = _find_sigma(p, mtz, sigma, i_col)
     b_col = _find_batch(p, mtz, batch)
+    log.info("%s: intensity %s, sigma %s, image %s%s", p.name, i_col, s_col, b_col,
+             "" if intensity else f" (chosen by MTZ type; {HYDRA_KEYS['intensity']}=NAME for another)")
 
     ds = _to_dataset(mtz, cell, p)
     if ds.merged:
@@ -868,10 +882,71 @@ def _writable_copy(ds: rs.DataSet) -> rs.DataSet:
     return out
 
 
-def mtz_writer(ds: rs.DataSet):
-    """``write(path)`` for ``ds`` as an MTZ file (a copy with MTZ dtypes is taken now; ``ds`` is not modified)."""
+MTZ_HISTORY_WIDTH = 80  # the MTZ format's history records are 80 characters each, at most 30 of them
+
+
+def mtz_writer(ds: rs.DataSet, history: Sequence[str] = ()):
+    """``write(path)`` for ``ds`` as an MTZ file (a copy with MTZ dtypes is taken now; ``ds`` is not modified).
+
+    ``history`` lines (program, version, command) go into the file's history records, wrapped to 80 characters;
+    rs has no history argument, so the file is written through its gemmi object (``DataSet.to_gemmi``).
+    """
     data = _writable_copy(ds)
-    return lambda path: data.write_mtz(str(path))
+    records = [line[i:i + MTZ_HISTORY_WIDTH] for line in history for i in range(0, max(len(line), 1),
+                                                                                  MTZ_HISTORY_WIDTH)][:30]
+    if not records:
+        return lambda path: data.write_mtz(str(path))
+
+    def write(path) -> None:
+        mtz = data.to_gemmi()
+        mtz.history = records
+        mtz.write_to_file(str(path))
+
+    return write
+
+
+def history_lines(action: str) -> list[str]:
+    """MTZ history for a file physppl writes: program, version, date, and the command line that ran it."""
+    import datetime
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("physppl")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        ver = "unknown"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from_cli = bool(sys.argv) and os.path.basename(sys.argv[0]) in ("physppl", "cli.py")  # entry point, -m
+    command = "physppl " + " ".join(sys.argv[1:]) if from_cli else f"physppl.{action}(...) from Python"
+    return [f"From physppl {ver}, {action}, {when}", f"command: {command}"]
+
+
+def check_free_r_file(path: PathLike) -> tuple[pathlib.Path, rs.DataSet, str]:
+    """(path, its data, the name of its free-R column); a clear error when the file or the column is missing."""
+    path = _existing_file(path)
+    other = rs.read_mtz(str(path))
+    key = next((k for k in ("R-free-flags", "FreeR_flag") if k in other.columns), None)
+    if key is None:
+        raise MTZInputError(f"{path}: no free-R column (R-free-flags or FreeR_flag) to copy; its columns: "
+                            f"{', '.join(other.columns)}")
+    return path, other, key
+
+
+def add_free_r(ds: rs.DataSet, free_r: float | PathLike, seed: int = 0) -> rs.DataSet:
+    """``ds`` with free-R flags: a user's, copied by Miller index from the MTZ file ``free_r`` (its
+    ``R-free-flags`` or ``FreeR_flag`` column), or new ones for a fraction ``free_r`` of the reflections (Phenix
+    convention, 1 = test set, column ``R-free-flags``; ``rs.utils.add_rfree``)."""
+    if isinstance(free_r, (int, float)) and not isinstance(free_r, bool):
+        if not 0.0 < float(free_r) < 1.0:
+            raise ValueError(f"free_r must be a fraction in (0, 1) or an MTZ file with free-R flags, got {free_r}")
+        return rs.utils.add_rfree(ds, fraction=float(free_r), seed=int(seed))
+    path, other, key = check_free_r_file(free_r)
+    out = rs.utils.copy_rfree(ds, other, rfree_key=key)
+    missing = int(out[key].isna().sum())
+    if missing:
+        raise MTZInputError(f"{path}: {missing} of {len(out)} merged reflections have no {key} there; give flags "
+                            "that cover the merged data, or free_r=<fraction> for new ones")
+    return out
 
 
 def write_mtz_atomic(

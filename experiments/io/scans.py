@@ -87,8 +87,13 @@ def validate_scans(x: np.ndarray, length: int, source: str = "scans", axis_names
 
 
 def _read_csv(path: Path, length: int, axis_names: Sequence[str], expected: np.ndarray | None):
+    rows, line_of = [], []  # non-blank rows and their line numbers in the file
     with open(path, newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        reader = csv.reader(fh)
+        for r in reader:
+            if r and any(c.strip() for c in r):
+                rows.append(r)
+                line_of.append(reader.line_num)
     if not rows:
         raise ScanInputError(f"{path}: empty file")
     head = [c.strip().lower() for c in rows[0]]
@@ -97,14 +102,14 @@ def _read_csv(path: Path, length: int, axis_names: Sequence[str], expected: np.n
         try:
             return float(text)
         except ValueError:
-            raise ScanInputError(f"{path}: row {r + 1}, column {c!r}: {text!r} is not a number") from None
+            raise ScanInputError(f"{path}: line {line_of[r]}, column {c!r}: {text!r} is not a number") from None
 
     if {"axis", "position", "signal"} <= set(head):
         ia, ip, isig = head.index("axis"), head.index("position"), head.index("signal")
         by_axis: dict[str, list[tuple[float, float]]] = {}
         for r, row in enumerate(rows[1:], start=1):
             if len(row) <= max(ia, ip, isig):
-                raise ScanInputError(f"{path}: row {r + 1} has {len(row)} columns, expected {len(head)}")
+                raise ScanInputError(f"{path}: line {line_of[r]} has {len(row)} columns, expected {len(head)}")
             by_axis.setdefault(row[ia].strip().lower(), []).append((number(row[ip], r, "position"), number(row[isig], r, "signal")))
         missing = [a for a in axis_names if a not in by_axis]
         extra = [a for a in by_axis if a not in axis_names]
@@ -116,16 +121,27 @@ def _read_csv(path: Path, length: int, axis_names: Sequence[str], expected: np.n
         table = []
         for r, row in enumerate(rows[1:], start=1):
             if len(row) != len(head):
-                raise ScanInputError(f"{path}: row {r + 1} has {len(row)} columns, expected {len(head)}")
+                raise ScanInputError(f"{path}: line {line_of[r]} has {len(row)} columns, expected {len(head)}")
             table.append([number(v, r, head[k]) for k, v in enumerate(row)])
         table = np.asarray(table)
         cols = [table[:, [head.index(f"position_{a}"), head.index(f"signal_{a}")]] for a in axis_names]
     else:
-        try:
-            values = np.asarray([[float(v) for v in row] for row in rows])
-        except ValueError:
+        def is_number(text: str) -> bool:
+            try:
+                float(text)
+                return True
+            except ValueError:
+                return False
+
+        if not all(is_number(v) for v in rows[0]):  # a header this reader does not know
             raise ScanInputError(f"{path}: expected numbers only, or a header 'axis,position,signal', or columns "
-                                 f"{', '.join(f'position_{a},signal_{a}' for a in axis_names)}; got header {rows[0]}") from None
+                                 f"{', '.join(f'position_{a},signal_{a}' for a in axis_names)}; got header {rows[0]}")
+        # numbers only: the first bad value or ragged row is named by its line in the file
+        for r, row in enumerate(rows):
+            if len(row) != len(rows[0]):
+                raise ScanInputError(f"{path}: line {line_of[r]} has {len(row)} values, line {line_of[0]} has "
+                                     f"{len(rows[0])}")
+        values = np.asarray([[number(v, r, str(k + 1)) for k, v in enumerate(row)] for r, row in enumerate(rows)])
         if values.shape[1] == 1:
             values = values[:, 0]
         return values, None

@@ -45,12 +45,20 @@ def state_table(draws: np.ndarray, labels: np.ndarray, names: list[str], prior: 
     sd = m.std(0)
     table = pd.DataFrame({"state": names, "n_frames": np.bincount(labels, minlength=S), "mean": m.mean(0), "sd": sd,
                           "q05": q05, "q95": q95, "prior_mean": prior_mean, "prior_sd": prior_sd,
-                          "contraction": 1 - np.square(sd) / np.maximum(np.square(prior_sd), 1e-300)})
+                          "contraction": _contraction(sd, prior_sd)})
     if truth is not None:
         table["true"] = truth
     if cc_weights is not None:
         table["cc_fit"] = state_masses(cc_weights, labels, S)
     return table
+
+
+def _contraction(sd: np.ndarray, prior_sd: np.ndarray) -> np.ndarray:
+    """``1 - var_post / var_prior``; NaN where the prior fixes the mass (one state: mass 1, nothing to learn),
+    instead of a ratio of two rounding errors."""
+    sd, prior_sd = np.asarray(sd, dtype=float), np.asarray(prior_sd, dtype=float)
+    fixed = prior_sd < 1e-6
+    return np.where(fixed, np.nan, 1 - np.square(sd) / np.where(fixed, 1.0, np.square(prior_sd)))
 
 
 @torch.no_grad()

@@ -33,6 +33,9 @@ __all__ = ["weigh_frames", "FrameWeightsResult", "task", "build_model", "inferen
 
 log = logging.getLogger(__name__)
 
+# what the runner's reliability warnings should advise, in this problem's options
+RELIABILITY_HINTS = {"not_converged": "raise the engine's max_steps (inference.max_steps on the command line)"}
+
 OUTPUT_FILES = ("weights.csv", "states.csv", "diffuse_fit.mtz", "cc_shells.csv", "posterior.nc", "summary.csv",
                 "metrics.json", "checkpoint.pt", "losses.csv")
 # pointwise log-likelihoods cost draws x voxels; beyond this many values posterior.nc goes without them
@@ -148,7 +151,7 @@ def weigh_frames(
                                      observed=None if observed is None else str(observed), **data_options)
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
     with Job("md_weights", settings, inputs=[*source.inputs, source.prior_weights], workdir=workdir,
-             outputs=OUTPUT_FILES) as job:
+             outputs=OUTPUT_FILES, hints=RELIABILITY_HINTS) as job:
         loaded = source.load()
         truth = loaded[-1]
         data = source.prepare(*loaded)

@@ -348,6 +348,8 @@ class MDWeightsDataSource:
         ff.power /= x_scale
         to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=dtype)  # noqa: E731
         y_n, s_n = (y - b0) / a0, (None if sigma is None else sigma / a0)
+        if sigma is None:
+            log.info("observed diffuse data have no sigmas: the model learns the noise sd per resolution shell")
         yb = sb = None
         bragg_scale = 1.0
         if bragg is not None:

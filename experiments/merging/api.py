@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from physppl.inference.convert import Rescale, summarize, to_inference_data
 from physppl.inference.fit import Fit, ProtocolError, fit as fit_model
 from physppl.inference.runner import Job, JobSettings, Result, config_options
-from physppl.io.mtz import mtz_writer, read_merged_mtz
+from physppl.io.mtz import add_free_r, check_free_r_file, history_lines, mtz_writer, read_merged_mtz
 from physppl.models.merging import MergingModel
 from physppl.models.components.scale import initialize_scale
 
@@ -34,6 +34,9 @@ from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitude
 __all__ = ["merge", "MergeResult", "task", "to_merged_mtz", "OUTPUT_FILES", "refl_coordinates"]
 
 log = logging.getLogger(__name__)
+
+# what the runner's reliability warnings should advise, in this problem's options
+RELIABILITY_HINTS = {"not_converged": "raise the engine's max_steps (inference.max_steps on the command line)"}
 
 OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "losses.csv",
                 "checkpoint.pt", "checkpoint_halves.pt")
@@ -210,6 +213,7 @@ def merge(
     engine: Any = "svi",
     n_draws: int = 200,
     log_likelihood: bool = True,
+    free_r: float | str | None = None,
     seed: int = JobSettings.seed,
     threads: int | None = JobSettings.threads,
     device: str = JobSettings.device,
@@ -241,6 +245,9 @@ def merge(
         Posterior draws kept in ``posterior.nc``.
     log_likelihood : bool
         Pointwise log-likelihood of every observation in ``posterior.nc`` (for ``az.loo``).
+    free_r : float, path or None
+        Free-R flags in ``merged.mtz``: a fraction of new ones (``0.05``; Phenix convention, ``R-free-flags``),
+        or an MTZ file whose flags are copied by Miller index (keep a data set's test set across merges).
     seed, threads, device, validate
         As :class:`~physppl.inference.runner.JobSettings`.
     workdir : path, optional
@@ -250,9 +257,12 @@ def merge(
         ``columns``, ``partials``, ``drop_bad_sigma``, ``half_datasets``, ``reference``, ``simulate``.
     """
     source, given = _source(data, data_options)
+    free_r_file = free_r if isinstance(free_r, (str, os.PathLike)) else None
+    if free_r_file is not None:
+        check_free_r_file(free_r_file)  # before any work, not after the fit
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
-    with Job("merging", settings, inputs=[source.path, source.reference], workdir=workdir,
-             outputs=OUTPUT_FILES) as job:
+    with Job("merging", settings, inputs=[source.path, source.reference, free_r_file], workdir=workdir,
+             outputs=OUTPUT_FILES, hints=RELIABILITY_HINTS) as job:
         ds, truth = (given, None) if given is not None else source.load()
         data_ = source.prepare(ds)
         reference = read_merged_mtz(source.reference, anomalous=data_.anomalous) if source.reference else None
@@ -293,7 +303,9 @@ def merge(
             metrics.update(truth_metrics(*(truth_table[c].to_numpy(float) for c in
                                            ("F", "lower", "upper", "F_TRUE", "dHKL"))))
 
-        files = {"merged.mtz": mtz_writer(mtz)}
+        if free_r is not None:
+            mtz = add_free_r(mtz, free_r, seed=job.seed)
+        files = {"merged.mtz": mtz_writer(mtz, history=history_lines("merge"))}
         if shells is not None:
             files["cc_half.csv"] = lambda p, s=shells: s.to_csv(p, index=False)
 

@@ -19,7 +19,7 @@ _FROM_DATA = ("centric", "epsilon", "sigma_n", "n_images", "n_features")
 
 def register(cs: ConfigStore, problem_node) -> None:
     cs.store(group="problem", name="merging", package="_global_",
-             node=problem_node("physppl.merging.api.task", merge, ("n_draws", "log_likelihood")))
+             node=problem_node("physppl.merging.api.task", merge, ("n_draws", "log_likelihood", "free_r")))
     # columns: every key a user may set (data.columns.intensity=IPR), each None = found by MTZ type
     cs.store(group="data", name="merging", node=Preset(
         MergingDataSource, simulate=Preset(simulate_unmerged, partial=True),

@@ -244,6 +244,8 @@ class MergingDataSource:
         self.drop_bad_sigma = bool(drop_bad_sigma)
         self.anomalous = bool(anomalous)
         self.metadata = list(metadata)
+        if dmin is not None and not float(dmin) > 0:
+            raise ValueError(f"dmin must be > 0 (a resolution cutoff in A), got {dmin}")
         self.dmin = dmin
         self.half_datasets = bool(half_datasets)
         self.reference = None if reference in (None, "") else os.path.abspath(os.path.expanduser(str(reference)))

@@ -42,6 +42,9 @@ OUTPUT_FILES = ("posterior.nc", "metrics.json", "latents.csv", "checkpoint.pt", 
 
 log = logging.getLogger(__name__)
 
+# what the runner's reliability warnings should advise, in this problem's options
+RELIABILITY_HINTS = {"not_converged": "raise training.epochs"}
+
 
 @dataclass(repr=False)
 class VAEResult(Result):
@@ -145,7 +148,8 @@ def train_vae(
     ph = PhaseAnalysis(**physics) if isinstance(physics, dict) else physics
     source = _source(data)
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
-    with Job("vae", settings, inputs=[getattr(source, "path", None)], workdir=workdir, outputs=OUTPUT_FILES) as job:
+    with Job("vae", settings, inputs=[getattr(source, "path", None)], workdir=workdir, outputs=OUTPUT_FILES,
+             hints=RELIABILITY_HINTS) as job:
         d = source.load()
         net = resolve_named(model, MODELS, "model")(event_shape=d.event_shape)
         if not isinstance(net, torch.nn.Module):
