@@ -182,7 +182,7 @@ def test_engine_checkpoint_resumes_the_same_trajectory(tmp_path):
         for (name, pa), (_, pc) in zip(a.state_dict().items(), c.state_dict().items()):
             torch.testing.assert_close(pa, pc, msg=name)
     other_model, other_guide = _pair(latent=D + 1)
-    with pytest.raises(CheckpointError, match="does not fit this model"):
+    with pytest.raises(CheckpointError, match="another problem: guide, model differ"):
         engine(6, resume=True).run(other_model, other_guide, {"x": x}, n_data=N)
 
 

@@ -79,7 +79,7 @@ def inject(name: str, args: list[str], root: Path, rng: random.Random) -> dict:
             return row
     else:
         row["resumed ok"] = proc.returncode == 0  # the signal came after training: the run finished normally
-    row["max |difference|"] = _max_difference(_posterior(root / "a"), _posterior(run_dir))
+    row["max abs difference"] = _max_difference(_posterior(root / "a"), _posterior(run_dir))
     return row
 
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         row["wall s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
         print(f"{name}: {row}", file=sys.stderr, flush=True)
-    cols = ["problem", "interrupted at", "exit", "resumed ok", "max |difference|", "wall s"]
+    cols = ["problem", "interrupted at", "exit", "resumed ok", "max abs difference", "wall s"]
     print("| " + " | ".join(cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
     for row in rows:
