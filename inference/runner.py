@@ -34,7 +34,8 @@ from .interrupt import watch_signals
 from .outputs import LOSSES_FILE, atomic_write, protect_inputs, write_json
 from .reliability import flag_unreliable
 
-__all__ = ["JobSettings", "Job", "Result", "round_metrics", "MACHINE_METRICS", "comparable_metrics", "config_options"]
+__all__ = ["JobSettings", "Job", "Result", "round_metrics", "MACHINE_METRICS", "comparable_metrics", "config_options",
+           "chain_diagnostics"]
 
 log = logging.getLogger("physppl")
 
@@ -60,6 +61,25 @@ def round_metrics(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
 
 # Metrics that describe the machine and the moment, not the result: left out when two runs are compared.
 MACHINE_METRICS = ("wall_time", "peak_rss_mb", "threads", "device")
+
+
+def chain_diagnostics(idata) -> dict:
+    """Worst rank-normalised split R-hat (one chain is split in two, so it is defined for one chain too) and
+    smallest bulk ESS over every posterior quantity of an MCMC run: what the reliability check reads
+    (``r_hat_max`` > 1.01 is a warning)."""
+    import arviz as az
+
+    post = idata.posterior
+    if post.sizes.get("chain", 1) == 1 and post.sizes.get("draw", 0) >= 8:
+        # arviz gives no R-hat for one chain; split-R-hat of its two halves is the standard stand-in
+        half = post.sizes["draw"] // 2
+        post = az.convert_to_dataset({v: post[v].values[:, :2 * half].reshape(2, half, *post[v].shape[2:])
+                                      for v in post.data_vars})
+    # NaN for a quantity without spread (e.g. weights that sum to a constant): left out, not propagated
+    rhat = np.concatenate([np.ravel(az.rhat(post)[v].values) for v in post.data_vars])
+    ess = np.concatenate([np.ravel(az.ess(post)[v].values) for v in post.data_vars])
+    return {"r_hat_max": float(np.nanmax(rhat)) if np.isfinite(rhat).any() else float("nan"),
+            "ess_bulk_min": float(np.nanmin(ess)) if np.isfinite(ess).any() else float("nan")}
 
 
 def comparable_metrics(metrics: dict) -> dict:
@@ -161,6 +181,8 @@ class Job:
                        wall_time_total=time.perf_counter() - self.t0,
                        # peak resident memory of this process so far (Linux reports KiB)
                        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        if metrics.get("engine") in ("nuts", "mcmc") and values.get("idata") is not None:
+            metrics.update(chain_diagnostics(values["idata"]))
         losses = values.pop("losses", None)
         if losses is not None and not isinstance(losses, pd.DataFrame):
             losses = np.asarray(losses, dtype=float).reshape(-1)

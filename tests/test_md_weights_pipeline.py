@@ -191,6 +191,10 @@ def test_nuts_from_the_command_line(tmp_path):
                     "inference.num_samples=30", "inference.warmup_steps=30", "inference.num_chains=1",
                     "inference.max_tree_depth=3", svi=False), tmp_path)
     assert nuts["engine"] == "nuts" and "max_rhat_w" in nuts and "divergences" in nuts and not nuts["bragg"]
+    # the runner's chain diagnostics over every posterior quantity (split halves of the one chain), and the
+    # warning that follows from them
+    assert nuts["r_hat_max"] > 0.9 and nuts["ess_bulk_min"] > 0
+    assert (nuts["r_hat_max"] > 1.01) == any(w.startswith("r_hat_max") for w in nuts["warnings"])
     idata = az.from_netcdf(tmp_path / "posterior.nc")
     assert idata.posterior.sizes["draw"] == 30 and "diverging" in idata.sample_stats
 
