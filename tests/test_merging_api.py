@@ -163,6 +163,11 @@ def test_merged_mtz_has_history_and_the_asked_free_r_flags(tmp_path):
     quick = ENGINES["svi"].build(max_steps=20, min_steps=20, progress=False)
     first = physppl.merge(simulate=SIM, engine=quick, n_draws=5, half_datasets=False, free_r=0.05)
     first.save(tmp_path / "a")
+    # 20 steps cannot converge: the run says so, with the option that fixes it
+    assert first.metrics["reliable"] is False and first.metrics["converged"] is False
+    assert [w for w in first.metrics["warnings"] if w.startswith("not_converged")] == [
+        "not_converged: step budget of 20 reached before the loss met the convergence test; raise the engine's "
+        "max_steps (inference.max_steps on the command line)"]
     mtz = gemmi.read_mtz_file(str(tmp_path / "a" / "merged.mtz"))
     assert mtz.history[0].startswith("From physppl ") and "merge" in mtz.history[0]
     flags = first.mtz["R-free-flags"].to_numpy()
