@@ -87,7 +87,12 @@ def test_readme_python_snippet_runs_as_printed(index, small_budgets, user_files,
     exec(compile(SNIPPETS[index], f"README.md snippet {index + 1}", "exec"), namespace)
     results = [v for v in namespace.values() if isinstance(v, physppl.Result)]
     fits = [v for v in namespace.values() if isinstance(v, physppl.Fit)]
-    assert results or fits, "a snippet shows a run"
+    from physppl.models.rbm import BernoulliRBM
+
+    rbms = [v for v in namespace.values() if isinstance(v, BernoulliRBM)]
+    assert results or fits or rbms, "a snippet shows a run"
+    for rbm in rbms:  # two patterns (entropy log 2 = 0.69 nats): far below the untrained 8 log 2 = 5.5
+        assert float(-rbm.log_prob_exact(namespace["data"]).mean()) < 1.5
     for res in results:
         assert "posterior" in res.idata.groups() and res.metrics["problem"]
     if "res" in namespace and isinstance(namespace["res"], physppl.MergeResult):
