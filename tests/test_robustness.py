@@ -86,7 +86,7 @@ def test_resuming_with_another_likelihood_is_refused_naming_what_changed(tmp_pat
                                                "model/likelihood=normal", "inference.resume=true"])
         steps = []
         monkeypatch.setattr("physppl.inference.svi.SVIEngine._converged", lambda self, losses: steps.append(1))
-        with pytest.raises(CheckpointError, match=r"another problem: model differ.*only max_steps") as err:
+        with pytest.raises(CheckpointError, match=r"another problem: model differ.*only max_steps"):
             run(changed, tmp_path)
     assert steps == []  # refused before a single step
     longer = [*base, "inference.max_steps=40", "inference.min_steps=40", "inference.resume=true"]
