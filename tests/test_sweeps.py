@@ -89,6 +89,7 @@ def test_report_compare_prefers_the_robust_likelihood_on_data_with_outliers(basi
     assert ranked[:2] == ["student_t", "student_t"], compare
 
 
+@pytest.mark.slow  # 30 s; the basic launcher test above covers the grid and the report in the default run
 def test_joblib_launcher_runs_the_grid_in_parallel_with_the_same_posteriors(basic_sweep, tmp_path):
     sweep = tmp_path / "joblib"
     # half the grid (the folded-normal guide with each likelihood): jobs 0 and 1 here are jobs 0 and 2 there
