@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .interrupt import Interrupted, requested_signal, watch_signals
+from .interrupt import stop_if_signalled, watch_signals
 
 __all__ = ["ContrastiveDivergence", "ContrastiveResult", "NEGATIVE_PHASES"]
 
@@ -115,8 +115,7 @@ class ContrastiveDivergence:
                 for epoch in range(self.epochs):
                     perm = torch.randperm(n, generator=gen)
                     for s in range(0, n - self.batch_size + 1, self.batch_size):
-                        if requested_signal() is not None:
-                            raise Interrupted(requested_signal(), result.steps, None)
+                        stop_if_signalled(result.steps)  # no checkpoint: the run stops, to be started again
                         batch = v[perm[s:s + self.batch_size]]
                         if self.negative == "cd":
                             negative = model.gibbs(batch, self.k, generator=gen)

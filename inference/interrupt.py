@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["Interrupted", "watch_signals", "requested_signal", "exit_status", "WATCHED_SIGNALS"]
+__all__ = ["Interrupted", "watch_signals", "requested_signal", "stop_if_signalled", "exit_status", "WATCHED_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,21 @@ def requested_signal() -> int | None:
     return stack[0]["signum"] if stack else None
 
 
+def stop_if_signalled(step: int, checkpoint: Path | None = None, save: Callable[[], None] | None = None,
+                      unit: str = "step") -> None:
+    """At a loop's step boundary: if a watched signal came, ``save()`` the checkpoint (when given), hand over to the
+    handler installed before (submitit's requeue), and raise :class:`Interrupted`; otherwise nothing."""
+    signum = requested_signal()
+    if signum is None:
+        return
+    if save is not None:
+        save()
+    stack = getattr(_state, "stack", None)
+    if stack:
+        stack[0]["chain"]()
+    raise Interrupted(signum, step, checkpoint if checkpoint is not None and checkpoint.exists() else None, unit=unit)
+
+
 @contextlib.contextmanager
 def watch_signals() -> Iterator[Callable[[], None]]:
     """Record SIGINT, SIGTERM and the requeue signals instead of dying on them; restore the handlers on exit.
@@ -87,7 +102,8 @@ def watch_signals() -> Iterator[Callable[[], None]]:
             raise KeyboardInterrupt
         if frame["signum"] is None:
             frame["signum"] = signum
-            log.warning("%s received: stopping at the end of this step", signal.Signals(signum).name)
+            log.warning("%s received: stopping at the next step boundary with a checkpoint (a second Ctrl-C "
+                        "stops at once)", signal.Signals(signum).name)
 
     for signum in WATCHED_SIGNALS:
         try:

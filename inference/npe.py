@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .device import resolve_device
-from .interrupt import Interrupted, requested_signal, watch_signals
+from .interrupt import Interrupted, stop_if_signalled, watch_signals
 from .outputs import atomic_write
 from .svi import TrainingDivergedError
 
@@ -172,65 +172,64 @@ class NPETrainer:
         bar = tqdm(total=self.max_epochs, initial=result.epochs, disable=not self.progress, desc="NPE", dynamic_ncols=True,
                    mininterval=1.0)
         result.stop_reason = f"epoch budget of {self.max_epochs} reached"
-        watch = watch_signals()
-        chain = watch.__enter__()
         try:
-            while result.epochs < self.max_epochs:
-                if requested_signal() is not None:  # each epoch ends with a checkpoint: stop between epochs
-                    chain()
-                    raise Interrupted(requested_signal(), result.epochs, ckpt if ckpt is not None and ckpt.exists()
-                                      else None, unit="epoch")
-                if since_best >= self.patience:
-                    result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"
-                    break
-                flow.train()
-                order = train_idx[torch.randperm(len(train_idx), generator=gen).to(train_idx.device)]
-                total, count = 0.0, 0
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start:start + self.batch_size]
-                    loss = _nll(flow, theta[idx], x[idx])
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"neural posterior estimation diverged: loss {loss.item()} at epoch {result.epochs + 1}, "
-                            f"step {result.steps + 1}; try a smaller learning rate")
-                    optim.zero_grad()
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(flow.parameters(), self.clip_norm)
-                    optim.step()
-                    result.steps += 1
-                    total, count = total + loss.item() * len(idx), count + len(idx)
-                sched.step()
-                flow.eval()
-                with torch.no_grad():
-                    val = float(torch.stack([_nll(flow, theta_val[s:s + 4096], x_val[s:s + 4096]) * len(theta_val[s:s + 4096])
-                                             for s in range(0, len(theta_val), 4096)]).sum() / len(theta_val))
-                if not math.isfinite(val):
-                    raise TrainingDivergedError(f"neural posterior estimation diverged: held-out loss {val} at epoch "
-                                                f"{result.epochs + 1}; try a smaller learning rate")
-                result.epochs += 1
-                result.train_losses.append(total / count)
-                result.val_losses.append(val)
-                if val < best_val - 1e-4:
-                    best_val, since_best, result.best_epoch = val, 0, result.epochs
-                    best_state = copy.deepcopy(flow.state_dict())
-                else:
-                    since_best += 1
-                bar.update(1)
-                bar.set_postfix(train=f"{total / count:.4g}", val=f"{val:.4g}", best=f"{best_val:.4g}")
-                if ckpt is not None:
-                    self._save(ckpt, {"flow": flow.state_dict(), "optim": optim.state_dict(), "sched": sched.state_dict(),
-                                      "gen": gen.get_state(), "val_idx": val_idx, "train_idx": train_idx,
-                                      "best_state": best_state, "best_val": best_val, "since_best": since_best,
-                                      "train_losses": result.train_losses, "val_losses": result.val_losses,
-                                      "epoch": result.epochs, "steps": result.steps, "best_epoch": result.best_epoch})
-                if self.max_time is not None and time.perf_counter() - t0 > self.max_time:
-                    result.stop_reason = f"time budget of {self.max_time:g} s reached"
-                    break
+            with watch_signals():
+                while result.epochs < self.max_epochs:
+                    # each epoch ends with a checkpoint: stop between epochs
+                    stop_if_signalled(result.epochs, ckpt, unit="epoch")
+                    if since_best >= self.patience:
+                        result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"
+                        break
+                    flow.train()
+                    order = train_idx[torch.randperm(len(train_idx), generator=gen).to(train_idx.device)]
+                    total, count = 0.0, 0
+                    for start in range(0, len(order), self.batch_size):
+                        idx = order[start:start + self.batch_size]
+                        loss = _nll(flow, theta[idx], x[idx])
+                        if not torch.isfinite(loss):
+                            raise TrainingDivergedError(
+                                f"neural posterior estimation diverged: loss {loss.item()} at epoch "
+                                f"{result.epochs + 1}, step {result.steps + 1}; try a smaller learning rate")
+                        optim.zero_grad()
+                        loss.backward()
+                        nn.utils.clip_grad_norm_(flow.parameters(), self.clip_norm)
+                        optim.step()
+                        result.steps += 1
+                        total, count = total + loss.item() * len(idx), count + len(idx)
+                    sched.step()
+                    flow.eval()
+                    with torch.no_grad():
+                        parts = [_nll(flow, theta_val[s:s + 4096], x_val[s:s + 4096]) * len(theta_val[s:s + 4096])
+                                 for s in range(0, len(theta_val), 4096)]
+                        val = float(torch.stack(parts).sum() / len(theta_val))
+                    if not math.isfinite(val):
+                        raise TrainingDivergedError(f"neural posterior estimation diverged: held-out loss {val} at "
+                                                    f"epoch {result.epochs + 1}; try a smaller learning rate")
+                    result.epochs += 1
+                    result.train_losses.append(total / count)
+                    result.val_losses.append(val)
+                    if val < best_val - 1e-4:
+                        best_val, since_best, result.best_epoch = val, 0, result.epochs
+                        best_state = copy.deepcopy(flow.state_dict())
+                    else:
+                        since_best += 1
+                    bar.update(1)
+                    bar.set_postfix(train=f"{total / count:.4g}", val=f"{val:.4g}", best=f"{best_val:.4g}")
+                    if ckpt is not None:
+                        self._save(ckpt, {"flow": flow.state_dict(), "optim": optim.state_dict(),
+                                          "sched": sched.state_dict(), "gen": gen.get_state(), "val_idx": val_idx,
+                                          "train_idx": train_idx,
+                                          "best_state": best_state, "best_val": best_val, "since_best": since_best,
+                                          "train_losses": result.train_losses, "val_losses": result.val_losses,
+                                          "epoch": result.epochs, "steps": result.steps,
+                                          "best_epoch": result.best_epoch})
+                    if self.max_time is not None and time.perf_counter() - t0 > self.max_time:
+                        result.stop_reason = f"time budget of {self.max_time:g} s reached"
+                        break
         except KeyboardInterrupt:  # a second Ctrl-C mid-epoch: the last epoch's checkpoint stands
             raise Interrupted(signal.SIGINT, result.epochs, ckpt if ckpt is not None and ckpt.exists() else None,
                               unit="epoch") from None
         finally:
-            watch.__exit__(None, None, None)
             bar.close()
         if since_best >= self.patience and "stopped" not in result.stop_reason:
             result.stop_reason = f"held-out loss stopped improving (best at epoch {result.best_epoch})"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .fingerprint import MAY_CHANGE_ON_RESUME, fingerprint, fingerprint_differences
 from .fit import Fit
-from .interrupt import Interrupted, requested_signal, watch_signals
+from .interrupt import Interrupted, stop_if_signalled, watch_signals
 from .optim import ClippedAdam
 from .outputs import atomic_write
 
@@ -145,22 +145,22 @@ class SVIEngine:
         return Path(workdir) / "checkpoint.pt" if workdir is not None else None
 
     def _save(self, path: Path, step: int, losses: list[float], model, guide, optimizer, generator,
-              print_: dict) -> None:
+              stamp: dict) -> None:
         # pyro's RNG state holds torch's, numpy's and Python's; the minibatch order has its own generator
         state = {"step": step, "losses": list(losses), "model": model.state_dict(), "guide": guide.state_dict(),
                  "optim": optimizer.state_dict(), "rng": pyro.util.get_rng_state(), "batch_rng": generator.get_state(),
-                 "fingerprint": print_}
+                 "fingerprint": stamp}
         atomic_write(path, lambda p: torch.save(state, p))
 
     @staticmethod
-    def _load(path: Path, model, guide, optimizer, generator, print_: dict) -> tuple[int, list[float]]:
+    def _load(path: Path, model, guide, optimizer, generator, stamp: dict) -> tuple[int, list[float]]:
         # onto the CPU first: load_state_dict copies each tensor to its parameter's device (a GPU run resumes on CPU)
         try:
             state = torch.load(path, weights_only=False, map_location="cpu")
         except Exception as err:  # torch raises several types for a truncated or foreign file
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err})") from None
         if "fingerprint" in state:
-            differ = fingerprint_differences(state["fingerprint"], print_)
+            differ = fingerprint_differences(state["fingerprint"], stamp)
             if differ:
                 raise CheckpointError(
                     f"checkpoint {path} was written for another problem: {', '.join(differ)} differ from this "
@@ -234,14 +234,14 @@ class SVIEngine:
             elbo(**data, subsample=first)
         pyro.util.set_rng_state(rng)
         optimizer = self.optim({"model": model, "guide": guide})
-        print_ = fingerprint(model, guide, data, objective=self.loss, optim=self.optim,
+        stamp = fingerprint(model, guide, data, objective=self.loss, optim=self.optim,
                              extra={"n_data": n_data, "batch_size": self.batch_size, "batch_order": self.batch_order})
         start_step = 0
         if resume:
             if ckpt is None or not ckpt.exists():
                 raise CheckpointError(f"resume was asked for, but there is no checkpoint at {ckpt}: resume in the "
                                       "directory of the interrupted run, or give its checkpoint_path")
-            start_step, result.losses = self._load(ckpt, model, guide, optimizer, generator, print_)
+            start_step, result.losses = self._load(ckpt, model, guide, optimizer, generator, stamp)
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)
         batches = self._batches(n_data, generator)
@@ -249,51 +249,47 @@ class SVIEngine:
         step = start_step
         bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI",
                    dynamic_ncols=True, mininterval=1.0)
-        watch = watch_signals()
-        chain = watch.__enter__()
+        save = None if ckpt is None else \
+            (lambda: self._save(ckpt, step, result.losses, model, guide, optimizer, generator, stamp))
         try:
-            while step < self.max_steps:
-                if requested_signal() is not None:  # at a step boundary: the checkpoint is consistent
-                    if ckpt is not None:
-                        self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
-                    chain()
-                    raise Interrupted(requested_signal(), step, ckpt)
-                optimizer.zero_grad()
-                loss_t = elbo(**data, subsample=next(batches))
-                loss = float(loss_t.detach())
-                if not math.isfinite(loss):
-                    last = next((x for x in reversed(result.losses) if math.isfinite(x)), float("nan"))
-                    raise TrainingDivergedError(
-                        f"SVI diverged: loss is {loss} at step {step + 1} (last finite loss {last:.6g}). Try a "
-                        "smaller learning rate, a robust likelihood, or check the input for extreme values.")
-                loss_t.backward()
-                optimizer.step()
-                step += 1
-                result.losses.append(loss)
-                bar.update(1)
-                if step % 25 == 0:
-                    bar.set_postfix(loss=f"{np.mean(result.losses[-25:]):.5g}")
-                if ckpt is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
-                    self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
-                stop = callback(step, result.losses) if callback is not None else None
-                if stop:
-                    result.stop_reason = stop if isinstance(stop, str) else f"stopped by callback at step {step}"
-                    break
-                if self._converged(result.losses):
-                    result.converged = True
-                    result.stop_reason = f"converged at step {step} (rtol {self.rtol:g} over {self.window} steps)"
-                    break
-            else:
-                result.stop_reason = f"step budget of {self.max_steps} reached"
+            with watch_signals():
+                while step < self.max_steps:
+                    stop_if_signalled(step, ckpt, save)  # at a step boundary: the checkpoint is consistent
+                    optimizer.zero_grad()
+                    loss_t = elbo(**data, subsample=next(batches))
+                    loss = float(loss_t.detach())
+                    if not math.isfinite(loss):
+                        last = next((x for x in reversed(result.losses) if math.isfinite(x)), float("nan"))
+                        raise TrainingDivergedError(
+                            f"SVI diverged: loss is {loss} at step {step + 1} (last finite loss {last:.6g}). Try a "
+                            "smaller learning rate, a robust likelihood, or check the input for extreme values.")
+                    loss_t.backward()
+                    optimizer.step()
+                    step += 1
+                    result.losses.append(loss)
+                    bar.update(1)
+                    if step % 25 == 0:
+                        bar.set_postfix(loss=f"{np.mean(result.losses[-25:]):.5g}")
+                    if save is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
+                        save()
+                    stop = callback(step, result.losses) if callback is not None else None
+                    if stop:
+                        result.stop_reason = stop if isinstance(stop, str) else f"stopped by callback at step {step}"
+                        break
+                    if self._converged(result.losses):
+                        result.converged = True
+                        result.stop_reason = f"converged at step {step} (rtol {self.rtol:g} over {self.window} steps)"
+                        break
+                else:
+                    result.stop_reason = f"step budget of {self.max_steps} reached"
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread, in the middle of a step
-            if ckpt is not None:  # as of the last completed step (an interrupted optimiser step is the rare loss)
-                self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
+            if save is not None:  # as of the last completed step (an interrupted optimiser step is the rare loss)
+                save()
             raise Interrupted(signal.SIGINT, step, ckpt) from None
         finally:
-            watch.__exit__(None, None, None)
             bar.close()
-        if ckpt is not None:
-            self._save(ckpt, step, result.losses, model, guide, optimizer, generator, print_)
+        if save is not None:
+            save()
         result.steps = step
         result.wall_time = time.perf_counter() - t0
         log.info("SVI: %s; final loss %.6g; %.1f s", result.stop_reason, result.final_loss, result.wall_time)

@@ -22,7 +22,7 @@ from physppl.guides.beam import knife_edge_flow
 from physppl.inference.npe import SBIPlan, load_posterior
 from physppl.inference.runner import comparable_metrics
 from physppl.models.beam import PARAM_NAMES
-from readme_tools import command_lines
+from readme_tools import composed_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,9 +266,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 
 def test_readme_command_lines_compose():
     """Every command line of the README's Run section is a valid configuration (no option renamed away)."""
-    commands = command_lines(REPO / "experiments" / "beam_sbi" / "README.md", "## Run")
-    assert len(commands) == 7
-    with initialize_config_module("physppl.conf", version_base="1.3"):
-        for overrides in commands:
-            cfg = compose("config", overrides=overrides)
-            assert cfg.task == "physppl.beam_sbi.api.task", overrides
+    configs = composed_configs(REPO / "experiments" / "beam_sbi" / "README.md", "## Run")
+    assert len(configs) == 7
+    for overrides, cfg in configs:
+        assert cfg.task == "physppl.beam_sbi.api.task", overrides

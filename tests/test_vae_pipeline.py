@@ -29,7 +29,7 @@ from physppl.vae.api import Evaluation, Training
 from physppl.vae.data import DigitsDataSource, IsingDataSource
 from physppl.vae.parts import GUIDES, MODELS
 from physppl.vae.physics import phase_analysis, switch_temperature
-from readme_tools import command_lines
+from readme_tools import composed_configs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["inference.progress=false", "training.epochs=2", "training.eval_particles=1", "evaluation.iwae_particles=20",
@@ -348,9 +348,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
 
 def test_readme_command_lines_compose():
     """Every command line of the README's Run section is a valid configuration (no option renamed away)."""
-    commands = command_lines(REPO / "experiments" / "vae" / "README.md", "## Run")
-    assert len(commands) == 7
-    with initialize_config_module("physppl.conf", version_base="1.3"):
-        for overrides in commands:
-            cfg = compose("config", overrides=overrides)
-            assert cfg.task == "physppl.vae.api.task", overrides
+    configs = composed_configs(REPO / "experiments" / "vae" / "README.md", "## Run")
+    assert len(configs) == 7
+    for overrides, cfg in configs:
+        assert cfg.task == "physppl.vae.api.task", overrides
