@@ -161,4 +161,4 @@ def test_a_submitit_job_past_its_time_limit_requeues_and_resumes(tmp_path):
     metrics = json.loads((tmp_path / "0" / "metrics.json").read_text())
     assert metrics["resumed_from"] > 0 and metrics["steps"] == 4000  # the requeued job went on from the checkpoint
     logs = "".join(p.read_text() for p in (tmp_path / ".submitit").rglob("*_log.*"))
-    assert "Calling checkpoint method" in logs and "stopping at the end of this step" in logs
+    assert "Calling checkpoint method" in logs and "stopping at the next step boundary" in logs
