@@ -192,7 +192,8 @@ class IsingDataSource:
         t = a["temperature"].astype(np.float64)
         labels = {"temperature": t, "magnetization": a["magnetization"].astype(np.float64),
                   "abs_magnetization": np.abs(a["magnetization"]).astype(np.float64),
-                  "energy": a["energy"].astype(np.float64), "phase": (t < T_C).astype(np.int64)}
+                  "energy": a["energy"].astype(np.float64), "phase": (t < T_C).astype(np.int64),
+                  "chain": a["chain"].astype(np.int64)}  # Monte Carlo chain: error bars by jackknife over chains
         split = split_indices(len(t), self.val_fraction, self.test_fraction, self.seed, strata=t, groups=a["chain"])
         return VAEData(x=x, labels=labels, split=split, name=f"ising_L{self.L}", source=f"Ising L={self.L}",
                        image_shape=(self.L, self.L),
