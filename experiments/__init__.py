@@ -7,6 +7,9 @@ One call per problem, each returning a :class:`~physppl.inference.runner.Result`
 * :func:`weigh_frames` -- weights of MD frames against diffuse scattering (``+experiment=md_weights``)
 * :func:`infer_beam` -- beam parameters from knife-edge scans by simulation-based inference (``+experiment=beam_sbi``)
 * :func:`train_vae` -- a variational autoencoder on Ising configurations, digits or your arrays (``+experiment=vae_*``)
+* :func:`train_rbm` -- a restricted Boltzmann machine on digits, Ising configurations or your arrays (``+experiment=rbm_digits``)
+* :func:`rbm_thermodynamics` -- one RBM per temperature on Ising Monte Carlo data, and its observables (``+experiment=rbm_ising``)
+* :func:`infer_couplings` -- couplings and fields of an Ising model from spin samples, with posteriors (``+experiment=inverse_ising``)
 
 and below them, for your own model and guide: :func:`fit` (SVI, NUTS or MAP; any engine with a ``fit`` method)
 and :func:`to_inference_data`.
@@ -38,6 +41,12 @@ _API = {
     "BeamResult": "physppl.beam_sbi.api",
     "train_vae": "physppl.vae.api",
     "VAEResult": "physppl.vae.api",
+    "train_rbm": "physppl.rbm.api",
+    "RBMResult": "physppl.rbm.api",
+    "rbm_thermodynamics": "physppl.rbm.thermodynamics",
+    "ThermodynamicsResult": "physppl.rbm.thermodynamics",
+    "infer_couplings": "physppl.inverse_ising.api",
+    "CouplingsResult": "physppl.inverse_ising.api",
     "fit": "physppl.inference.fit",
     "Fit": "physppl.inference.fit",
     "to_inference_data": "physppl.inference.convert",

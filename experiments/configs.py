@@ -44,10 +44,14 @@ def register() -> None:
     from physppl.beam_sbi import configs as beam_sbi
     from physppl.md_weights import configs as md_weights
     from physppl.merging import configs as merging
+    from physppl.inverse_ising import configs as inverse_ising
+    from physppl.rbm import configs as rbm
     from physppl.vae import configs as vae
 
     merging.register(cs, problem_node)
     md_weights.register(cs, problem_node)
     beam_sbi.register(cs, problem_node)
     vae.register(cs, problem_node)
+    rbm.register(cs, problem_node)
+    inverse_ising.register(cs, problem_node)
     _REGISTERED = True

@@ -9,6 +9,7 @@ The rules read only generic metric names, so they apply to every problem that re
 - ``loo_pareto_k_above_0.7`` > 0 (PSIS-LOO: some points' importance weights have infinite variance)
 - any ``*pareto_k_max`` other than LOO's above 0.7 (an importance-sampling check failed)
 - ``unidentified_*`` a non-empty list (quantities the data do not inform)
+- ``failed_checks`` a non-empty list of ``"name: sentence"`` (a problem's own checks, e.g. coverage of a known truth)
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def reliability_warnings(metrics: dict[str, Any]) -> list[str]:
         if key.startswith("unidentified") and isinstance(value, (list, tuple)) and value:
             out.append(f"{key}: {', '.join(map(str, value))} (the data barely inform them: their "
                        "posterior stays near the prior)")
+    checks = metrics.get("failed_checks")
+    if isinstance(checks, (list, tuple)):
+        out.extend(str(c) for c in checks)
     return out
 
 

@@ -1,0 +1,1 @@
+"""The inverse Ising problem: couplings and fields from spin samples, with posteriors."""
