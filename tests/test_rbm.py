@@ -73,7 +73,7 @@ def test_one_cd_step_lowers_the_exact_negative_log_likelihood():
     patterns = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float64)
     data = patterns[torch.randint(0, 2, (2000,), generator=gen)]
     rbm = BernoulliRBM(6, 4, init_scale=0.1, seed=1)
-    before = -float(rbm.log_prob_exact(data).mean())
+    before = -float(rbm.log_prob_exact(data).mean().detach())
     ContrastiveDivergence("cd", k=1, lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=2000, epochs=1, optimizer="sgd",
                           progress=False).run(rbm, data)
     after = -float(rbm.log_prob_exact(data).mean())

@@ -17,6 +17,12 @@ from physppl.beam_sbi import parts as beam_parts
 from physppl.md_weights import api as md_api
 from physppl.md_weights import parts as md_parts
 from physppl.merging import parts as merging_parts
+from physppl.inverse_ising import api as couplings_api
+from physppl.inverse_ising import parts as couplings_parts
+from physppl.inverse_ising.data import SimulatedSpins
+from physppl.rbm import api as rbm_api
+from physppl.rbm import parts as rbm_parts
+from physppl.rbm import thermodynamics as rbm_thermo
 from physppl.vae import api as vae_api
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,6 +57,17 @@ def small_budgets(monkeypatch, tmp_path):
     small_ising = lambda: vae_api.IsingDataSource(L=8, n_temperatures=6, n_per_temperature=30, n_chains=10,  # noqa: E731
                                                   thermalize=20, every=2, cache=False, progress=False)
     monkeypatch.setitem(vae_api.DATASETS, "ising", small_ising)
+    for key, value in (("epochs", 2), ("progress", False)):
+        monkeypatch.setitem(rbm_parts.ENGINES["cd"].kwargs, key, value)
+    monkeypatch.setitem(rbm_api.train_rbm.__kwdefaults__, "evaluation", rbm_api.Evaluation(ais_chains=20, ais_betas=200))
+    for key, value in (("temperatures", [2.27]), ("n_per_temperature", 200), ("n_chains", 4), ("thermalize", 20),
+                       ("every", 2), ("cache", False), ("progress", False)):
+        monkeypatch.setitem(rbm_thermo.DEFAULT_DATA.kwargs, key, value)
+    monkeypatch.setitem(rbm_thermo.rbm_thermodynamics.__kwdefaults__, "sampling",
+                        rbm_thermo.Sampling(n_chains=4, burn_in=10, n_samples=5, thin=1))
+    for key, value in (("max_steps", 60), ("min_steps", 60), ("progress", False)):
+        monkeypatch.setitem(couplings_parts.ENGINES["svi"].kwargs, key, value)
+    monkeypatch.setitem(couplings_api.DATASETS, "ferromagnet", lambda: SimulatedSpins(n_samples=300))
     # the user's own run asks for these budgets explicitly: cut them where the snippet's code reads them
     real_svi, real_nuts = physppl.SVIEngine, physppl.NUTSEngine
     monkeypatch.setattr(physppl, "SVIEngine", lambda **kw: real_svi(**{**kw, "max_steps": 200, "progress": False}))
@@ -76,6 +93,7 @@ def user_files(tmp_path, small_sim):
 def test_readme_has_a_python_snippet_for_every_problem():
     text = "\n".join(SNIPPETS)
     for call in ("physppl.merge(", "physppl.weigh_frames(", "physppl.infer_beam(", "physppl.train_vae(",
+                 "physppl.train_rbm(", "physppl.rbm_thermodynamics(", "physppl.infer_couplings(",
                  "physppl.fit(", "physppl.to_inference_data("):
         assert call in text, call
 
@@ -94,7 +112,8 @@ def test_readme_python_snippet_runs_as_printed(index, small_budgets, user_files,
     for rbm in rbms:  # two patterns (entropy log 2 = 0.69 nats): far below the untrained 8 log 2 = 5.5
         assert float(-rbm.log_prob_exact(namespace["data"]).mean()) < 1.5
     for res in results:
-        assert "posterior" in res.idata.groups() and res.metrics["problem"]
+        # draws of the latents, or (the RBMs' thermodynamics) of the model's own Gibbs chains
+        assert {"posterior", "posterior_predictive"} & set(res.idata.groups()) and res.metrics["problem"]
     if "res" in namespace and isinstance(namespace["res"], physppl.MergeResult):
         res = namespace["res"]
         f = res.idata.posterior["F"]
@@ -118,4 +137,4 @@ def test_readme_command_lines_compose():
     configs = composed_configs(README)
     assert len(configs) >= 10
     for overrides, cfg in configs:
-        assert cfg.task.startswith("physppl.") and cfg.task.endswith(".api.task"), overrides
+        assert cfg.task.startswith("physppl.") and cfg.task.endswith(".task"), overrides

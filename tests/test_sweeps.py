@@ -244,6 +244,7 @@ def test_report_compares_runs_with_two_observed_sites_on_their_joint_log_likelih
     assert (compare["group"] == "toy: y+y_bragg").all()
 
 
+@pytest.mark.slow  # a second optuna sweep (12 s); the fast suite runs one with the objective
 def test_optuna_direction_that_contradicts_the_experiment_is_warned_about(tmp_path):
     cfg = _tiny_cfg("objective=cc_truth")  # optuna minimises by default; merging maximises
     assert app.check_sweeper(cfg, "minimize") == ("the sweeper will minimize cc_truth, but this experiment's "

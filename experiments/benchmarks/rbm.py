@@ -53,28 +53,30 @@ def _as_physppl(sk, n_visible: int) -> BernoulliRBM:
 
 
 def equal_time(name: str, v_train: torch.Tensor, v_test: torch.Tensor, n_hidden: int, engine: ContrastiveDivergence,
-               ev: Evaluation, sk_lr: float, sk_batch: int, seed: int = 0) -> list[dict]:
+               ev: Evaluation, sk_lrs: tuple[float, ...], sk_batch: int, seed: int = 0) -> list[dict]:
     rbm = BernoulliRBM(v_train.shape[1], n_hidden, seed=seed).init_from_data(v_train)
     t0 = time.perf_counter()
     engine.run(rbm, v_train)
     t_physppl = time.perf_counter() - t0
     ll = log_likelihood(rbm, v_test, ev, seed=seed, base=None)
+    rows = [{"data": name, "method": f"physppl {engine.negative}-{engine.k} ({engine.epochs} epochs)",
+             "train_s": t_physppl, "test_ll": ll["mean"], "se": ll["se"], "log_z": ll["method"]}]
     x = v_train.numpy()
-    _sklearn_rbm(n_hidden, 1, seed, sk_lr, sk_batch).fit(x)  # warm-up: the first call pays for imports
-    n_iter, t_sk, sk = 2, 0.0, None
-    for _ in range(4):  # scale n_iter until scikit-learn's training time is within 10% of physppl's
-        sk = _sklearn_rbm(n_hidden, n_iter, seed, sk_lr, sk_batch)
-        t0 = time.perf_counter()
-        sk.fit(x)
-        t_sk = time.perf_counter() - t0
-        if abs(t_sk / t_physppl - 1) < 0.1:
-            break
-        n_iter = max(1, int(round(n_iter * t_physppl / t_sk)))
-    ll_sk = log_likelihood(_as_physppl(sk, v_train.shape[1]), v_test, ev, seed=seed)
-    return [{"data": name, "method": f"physppl {engine.negative}-{engine.k} ({engine.epochs} epochs)",
-             "train_s": t_physppl, "test_ll": ll["mean"], "se": ll["se"], "log_z": ll["method"]},
-            {"data": name, "method": f"sklearn PCD ({n_iter} iterations)", "train_s": t_sk, "test_ll": ll_sk["mean"],
-             "se": ll_sk["se"], "log_z": ll_sk["method"]}]
+    _sklearn_rbm(n_hidden, 1, seed, sk_lrs[0], sk_batch).fit(x)  # warm-up: the first call pays for imports
+    for lr in sk_lrs:
+        n_iter, t_sk, sk = 2, 0.0, None
+        for _ in range(4):  # scale n_iter until scikit-learn's training time is within 10% of physppl's
+            sk = _sklearn_rbm(n_hidden, n_iter, seed, lr, sk_batch)
+            t0 = time.perf_counter()
+            sk.fit(x)
+            t_sk = time.perf_counter() - t0
+            if abs(t_sk / t_physppl - 1) < 0.1:
+                break
+            n_iter = max(1, int(round(n_iter * t_physppl / t_sk)))
+        ll_sk = log_likelihood(_as_physppl(sk, v_train.shape[1]), v_test, ev, seed=seed)
+        rows.append({"data": name, "method": f"sklearn PCD, lr {lr:g} ({n_iter} iterations)", "train_s": t_sk,
+                     "test_ll": ll_sk["mean"], "se": ll_sk["se"], "log_z": ll_sk["method"]})
+    return rows
 
 
 def gibbs_throughput(n_visible: int, n_hidden: int, chains: int = 1000, sweeps: int = 200, seed: int = 0) -> dict:
@@ -109,15 +111,17 @@ def main() -> None:
     rows = []
     ising = IsingDataSource(L=4, temperatures=[2.27], n_per_temperature=5000, progress=False)
     _, tr, te = _split(ising)
-    # scikit-learn's defaults (lr 0.1, batch 10) diverge less than larger steps on these data; kept as a user would
-    rows += equal_time("Ising 4x4, T=2.27 (exact)", tr, te, 32, engine, ev, sk_lr=0.1, sk_batch=10, seed=args.seed)
+    # scikit-learn's defaults (lr 0.1, batch 10), as a user would reach for them, and a smaller rate
+    rows += equal_time("Ising 4x4, T=2.27 (exact)", tr, te, 32, engine, ev, sk_lrs=(0.1, 0.01), sk_batch=10,
+                       seed=args.seed)
     _, tr, te = _split(DigitsDataSource())
-    rows += equal_time("digits 8x8 (AIS)", tr, te, 64, engine, ev, sk_lr=0.1, sk_batch=10, seed=args.seed)
+    rows += equal_time("digits 8x8 (AIS)", tr, te, 64, engine, ev, sk_lrs=(0.1, 0.01), sk_batch=10, seed=args.seed)
     table = pd.DataFrame(rows)
     ratio = []
     for name, g in table.groupby("data", sort=False):
-        ratio.append({"data": name, "delta_ll (physppl - sklearn, nats)": g["test_ll"].iloc[0] - g["test_ll"].iloc[1],
-                      "time ratio (sklearn / physppl)": g["train_s"].iloc[1] / g["train_s"].iloc[0]})
+        best = g.iloc[1:]["test_ll"].idxmax()  # scikit-learn's better learning rate
+        ratio.append({"data": name, "delta_ll (physppl - best sklearn, nats)": g["test_ll"].iloc[0] - g.loc[best, "test_ll"],
+                      "time ratio (sklearn / physppl)": g.loc[best, "train_s"] / g["train_s"].iloc[0]})
     print("\n## Held-out log-likelihood at equal training time (nats per sample)\n")
     print(table.to_markdown(index=False, floatfmt=".4g"))
     print()
