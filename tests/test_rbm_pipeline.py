@@ -101,6 +101,12 @@ def test_thermodynamics_job_writes_its_outputs_and_its_figures_agree(thermo_job)
     log_q = rbm.log_prob_exact(to_binary(torch.as_tensor(enumerate_states(4)))).detach().numpy()
     assert np.isclose(table["exact_kl"][1], np.sum(np.exp(log_p) * (log_p - log_q)), rtol=1e-5)
     assert metrics["max_exact_kl"] == pytest.approx(table["exact_kl"].max(), rel=1e-5)
+    # the weight on m > 0 (m = 0 split evenly), of the RBM by enumeration and of the data by counting
+    m = magnetization(enumerate_states(4))
+    assert np.isclose(table["rbm_exact_plus_share"][1], np.exp(log_q) @ ((m > 0) + 0.5 * (m == 0)), rtol=1e-6)
+    at3 = d.labels["temperature"] == 3.0
+    m_data = magnetization(d.x.numpy()[at3].reshape(-1, 4, 4) * 2 - 1)
+    assert np.isclose(table["mc_plus_share"][1], np.mean((m_data > 0) + 0.5 * (m_data == 0)))
     idata = az.from_netcdf(out / "posterior.nc")
     assert idata.posterior_predictive["energy"].dims == ("chain", "draw", "temperature", "n_hidden")
     assert idata.posterior_predictive["energy"].shape == (10, 20, 2, 1)

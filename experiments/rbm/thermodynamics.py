@@ -44,6 +44,7 @@ RELIABILITY_HINTS = {"max_rhat_rbm_energy": "raise sampling.burn_in or sampling.
                      "rbm_vs_monte_carlo": "train longer (inference.epochs) or add hidden units (model.n_hidden)"}
 # an RBM observable this many combined error bars from Monte Carlo is flagged (4x4 defaults: at most 4.0 measured)
 Z_LIMIT = 5.0
+SHARE_LIMIT = 0.2  # |RBM - data| share of m > 0 flagged on enumerated lattices (CD at T = 1.5: 0.997 vs 0.481)
 # Torlai & Melko's sweep on a lattice small enough to enumerate: exact KL and exact observables at every T
 DEFAULT_DATA = Preset(IsingDataSource, L=4, temperatures=[1.5, 2.0, 2.27, 2.5, 3.0, 3.5], n_per_temperature=5000)
 
@@ -55,6 +56,10 @@ class ThermodynamicsResult(Result):
 
     table: pd.DataFrame | None = None
     models: dict | None = None
+
+
+def _plus_share(weights: np.ndarray, m: np.ndarray) -> float:
+    return float(weights @ ((m > 0) + 0.5 * (m == 0)) / weights.sum())
 
 
 def _spins(v: np.ndarray, L: int) -> np.ndarray:
@@ -121,6 +126,7 @@ def rbm_thermodynamics(
         train_rows = np.concatenate([d.split["train"], d.split["val"]])
         exact = L <= 4
         states01 = to_binary(torch.as_tensor(enumerate_states(L))) if exact else None
+        state_m = magnetization(enumerate_states(L)) if exact else None
         rows, models, energy_draws, absm_draws, samples_shown = [], {}, [], [], {}
         for ti, t in enumerate(temps):
             at_t = d.labels["temperature"] == t
@@ -164,6 +170,11 @@ def rbm_thermodynamics(
                     row["exact_log_likelihood"] = float(np.exp(log_p) @ log_p)  # minus the Boltzmann entropy
                     # the RBM's own exact observables: separate what training got wrong from Gibbs sampling error
                     rbm_exact = enumerated_observables(log_q, L, float(t))
+                    # the weight of the m > 0 half (m = 0 split evenly): CD's chains never cross between the ordered
+                    # phase's two magnetisations, so nothing in its gradient keeps this at the data's value
+                    row["mc_plus_share"] = _plus_share(np.full(int(at_t.sum()), 1.0 / at_t.sum()),
+                                                       magnetization(d.x.numpy()[at_t].reshape(-1, L, L) * 2 - 1))
+                    row["rbm_exact_plus_share"] = _plus_share(np.exp(log_q), state_m)
                     for k in OBSERVABLES:
                         row[f"exact_{k}"] = exact_obs[k]
                         row[f"rbm_exact_{k}"] = rbm_exact[k]
@@ -196,6 +207,12 @@ def rbm_thermodynamics(
                 failed.append(f"rbm_vs_monte_carlo: {k} at T = {r['temperature']:.4g} (n_h = {int(r['n_hidden'])}) is "
                               f"{r[f'z_{k}']:+.1f} error bars from Monte Carlo ({r[f'rbm_{k}']:.4g} vs "
                               f"{r[f'mc_{k}']:.4g})")
+        if exact:
+            for _, r in table[(table["rbm_exact_plus_share"] - table["mc_plus_share"]).abs() > SHARE_LIMIT].iterrows():
+                failed.append(f"magnetisation_balance: at T = {r['temperature']:.4g} (n_h = {int(r['n_hidden'])}) the "
+                              f"RBM puts {100 * r['rbm_exact_plus_share']:.1f}% of its weight on m > 0, the data "
+                              f"{100 * r['mc_plus_share']:.1f}% (exact KL {r['exact_kl']:.3g}); persistent chains with "
+                              "tempering cross between the two magnetisations: inference=rbm_pt")
         if failed:
             metrics["failed_checks"] = failed
         if exact:
