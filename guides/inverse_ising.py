@@ -15,43 +15,17 @@ Both have the model's sites: ``J`` (n_pairs,) in plate "pairs" and ``h`` (N,) in
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_median, init_to_value
 from pyro.nn import PyroParam
 
+from physppl.inference.map import minimize_lbfgs
 from physppl.models.inverse_ising import pseudo_log_likelihood
 
-__all__ = ["minimize_lbfgs", "pseudo_likelihood_map", "mean_field_guide", "low_rank_guide", "guide_covariance"]
+__all__ = ["pseudo_likelihood_map", "mean_field_guide", "low_rank_guide", "guide_covariance"]
 
 LAPLACE_SMOOTHING = 1e-4  # |J| ~ sqrt(J^2 + eps^2) for L-BFGS: the Laplace prior's kink at 0 is not differentiable
-
-
-def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500,
-                   tol: float = 1e-10) -> tuple[torch.Tensor, dict]:
-    """Minimise a smooth ``objective(x)`` from ``x0`` (float64) with L-BFGS and a strong-Wolfe line search; returns
-    the minimiser and ``{"iterations", "objective", "grad_norm", "converged"}``."""
-    x = x0.detach().clone().double().requires_grad_(True)
-    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=int(max_iter), tolerance_grad=tol, tolerance_change=tol * 1e-2,
-                            history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        value = objective(x)
-        value.backward()
-        return value
-
-    opt.step(closure)
-    with torch.enable_grad():
-        value = objective(x)
-        (grad,) = torch.autograd.grad(value, x)
-    value = value.detach()
-    state = opt.state[opt.param_groups[0]["params"][0]]
-    grad_norm = float(grad.abs().max())
-    info = {"iterations": int(state.get("n_iter", 0)), "objective": float(value), "grad_norm": grad_norm,
-            "converged": bool(grad_norm < 1e-5 * max(1.0, abs(float(value))) ** 0.5 or grad_norm < 1e-6)}
-    return x.detach(), info
 
 
 def pseudo_likelihood_map(model, s: torch.Tensor, max_iter: int = 500) -> tuple[dict[str, torch.Tensor], dict]:

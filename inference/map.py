@@ -19,7 +19,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_median, init_to_value
 from .fit import Fit, latent_sites
 from .svi import TrainingDivergedError
 
-__all__ = ["map_estimate", "MAPEngine"]
+__all__ = ["minimize_lbfgs", "map_estimate", "MAPEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +86,29 @@ class MAPEngine:
         draws = {k: values[k].detach().cpu()[None, None] for k in sites if k in values}
         return Fit(model=model, guide=None, data=data, draws=draws,
                    info={"engine": "map", "steps": self.steps, "train_time": time.perf_counter() - t0})
+
+
+def minimize_lbfgs(objective: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, max_iter: int = 500,
+                   tol: float = 1e-10) -> tuple[torch.Tensor, dict]:
+    """Minimise a smooth ``objective(x)`` from ``x0`` (float64) with L-BFGS and a strong-Wolfe line search; returns
+    the minimiser and ``{"iterations", "objective", "grad_norm", "converged"}``."""
+    x = x0.detach().clone().double().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=int(max_iter), tolerance_grad=tol, tolerance_change=tol * 1e-2,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = objective(x)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    with torch.enable_grad():
+        value = objective(x)
+        (grad,) = torch.autograd.grad(value, x)
+    value = value.detach()
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    grad_norm = float(grad.abs().max())
+    info = {"iterations": int(state.get("n_iter", 0)), "objective": float(value), "grad_norm": grad_norm,
+            "converged": bool(grad_norm < 1e-5 * max(1.0, abs(float(value))) ** 0.5 or grad_norm < 1e-6)}
+    return x.detach(), info

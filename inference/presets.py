@@ -11,7 +11,7 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping
 
-__all__ = ["Preset", "resolve_named", "signature_defaults"]
+__all__ = ["Preset", "resolve_named", "signature_defaults", "call_accepting"]
 
 
 class Preset:
@@ -92,3 +92,13 @@ def signature_defaults(fn: Callable, exclude: tuple[str, ...] = ()) -> dict[str,
             continue
         out[name] = p.default
     return out
+
+
+def call_accepting(factory: Callable, *args: Any, **options: Any) -> Any:
+    """``factory(*args, **options)`` with only the ``options`` its signature names: a user's factory need not take
+    the optional starting values a built-in one does (none are passed when the signature cannot be read)."""
+    try:
+        accepts = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    return factory(*args, **{k: v for k, v in options.items() if k in accepts})

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from physppl.guides.inverse_ising import minimize_lbfgs
+from physppl.inference.map import minimize_lbfgs
 from physppl.models.inverse_ising import (coupling_matrix, is_lattice_bond, log_likelihood_exact, log_partition,
                                           pairs_labels)
 

@@ -2,7 +2,6 @@
 line."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -12,7 +11,7 @@ from physppl.guides.inverse_ising import low_rank_guide, mean_field_guide
 from physppl.inference.fit import ProtocolError
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import ClippedAdam
-from physppl.inference.presets import Preset, resolve_named
+from physppl.inference.presets import Preset, call_accepting, resolve_named
 from physppl.inference.svi import SVIEngine
 from physppl.models.inverse_ising import InverseIsing
 
@@ -78,13 +77,5 @@ def resolve_engine(value: Any):
 
 def build_guide(factory: Callable, model, init_values: dict | None, hessian: torch.Tensor | None) -> torch.nn.Module:
     """``factory(model, init_values=..., init_hessian=...)``, passing only the arguments the factory takes."""
-    try:
-        accepts = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        accepts = {}
-    kwargs = {}
-    if init_values is not None and "init_values" in accepts:
-        kwargs["init_values"] = init_values
-    if hessian is not None and "init_hessian" in accepts:
-        kwargs["init_hessian"] = hessian
-    return factory(model, **kwargs)
+    options = {"init_values": init_values, "init_hessian": hessian}
+    return call_accepting(factory, model, **{k: v for k, v in options.items() if v is not None})

@@ -1,7 +1,6 @@
 """The named parts of frame weighting (guides, engines), each defined once for Python and the command line."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -11,7 +10,7 @@ from physppl.guides.md_weights import DirichletFrameGuide, logistic_normal_guide
 from physppl.inference.fit import ProtocolError
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import ClippedAdam
-from physppl.inference.presets import Preset, resolve_named
+from physppl.inference.presets import Preset, call_accepting, resolve_named
 from physppl.inference.svi import SVIEngine
 
 __all__ = ["GUIDES", "ENGINES", "resolve_guide", "resolve_engine", "build_guide", "initial_values"]
@@ -46,16 +45,7 @@ def resolve_engine(value: Any):
 
 def build_guide(factory: Callable, model, labels, init: dict | None) -> torch.nn.Module:
     """``factory(model, groups=labels, init_values=init)``, passing only the arguments the factory takes."""
-    try:
-        accepts = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        accepts = {}
-    kwargs = {}
-    if "groups" in accepts:
-        kwargs["groups"] = labels
-    if init is not None and "init_values" in accepts:
-        kwargs["init_values"] = init
-    return factory(model, **kwargs)
+    return call_accepting(factory, model, groups=labels, **({} if init is None else {"init_values": init}))
 
 
 def initial_values(model, data: dict, steps: int = 300, lr: float = 0.05) -> dict[str, torch.Tensor]:

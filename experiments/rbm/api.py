@@ -33,7 +33,7 @@ from physppl.inference.fit import Fit
 from physppl.inference.presets import resolve_named
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.rbm import BernoulliRBM, to_binary
-from physppl.vae.data import ArrayDataSource, DigitsDataSource, IsingDataSource
+from physppl.vae.data import DigitsDataSource, IsingDataSource, data_source
 
 from .options import Evaluation
 from .parts import GUIDES, MODELS, resolve_engine
@@ -59,14 +59,7 @@ class RBMResult(Result):
 
 
 def _source(data: Any) -> Any:
-    if isinstance(data, str) and data.strip().lower() in DATASETS:
-        return DATASETS[data.strip().lower()]()
-    if isinstance(data, (str, os.PathLike)):
-        return ArrayDataSource(path=str(data))
-    if callable(getattr(data, "load", None)):
-        return data
-    raise TypeError(f"train_rbm: data must be 'digits', 'ising', a .npy/.npz path or a data source with load(); got "
-                    f"{type(data).__name__}")
+    return data_source(data, DATASETS, "train_rbm")
 
 
 def log_likelihood(rbm: BernoulliRBM, v: torch.Tensor, evaluation: Evaluation = Evaluation(),

@@ -130,7 +130,8 @@ def rbm_thermodynamics(
         rows, models, energy_draws, absm_draws, samples_shown = [], {}, [], [], {}
         for ti, t in enumerate(temps):
             at_t = d.labels["temperature"] == t
-            mc = observables(d.x.numpy()[at_t].reshape(-1, L, L) * 2 - 1, float(t), chain[at_t])
+            mc_spins = d.x.numpy()[at_t].reshape(-1, L, L) * 2 - 1
+            mc = observables(mc_spins, float(t), chain[at_t])
             tr = np.sort(train_rows[at_t[train_rows]])
             te = np.sort(d.split["test"][at_t[d.split["test"]]])
             v_train, v_test = v_all[tr].to(job.device), v_all[te].to(job.device)
@@ -173,7 +174,7 @@ def rbm_thermodynamics(
                     # the weight of the m > 0 half (m = 0 split evenly): CD's chains never cross between the ordered
                     # phase's two magnetisations, so nothing in its gradient keeps this at the data's value
                     row["mc_plus_share"] = _plus_share(np.full(int(at_t.sum()), 1.0 / at_t.sum()),
-                                                       magnetization(d.x.numpy()[at_t].reshape(-1, L, L) * 2 - 1))
+                                                       magnetization(mc_spins))
                     row["rbm_exact_plus_share"] = _plus_share(np.exp(log_q), state_m)
                     for k in OBSERVABLES:
                         row[f"exact_{k}"] = exact_obs[k]
@@ -195,7 +196,7 @@ def rbm_thermodynamics(
                                                             "site and |m| (J = k_B = 1)")
         rhat = az.rhat(idata.posterior_predictive)
         metrics: dict = {"data": d.name, "L": L, "T_c": T_C, "temperatures": temps.tolist(), "hidden_units": n_list,
-                         "engine": "contrastive", "negative_phase": getattr(resolve_engine(engine), "negative", None),
+                         "engine": "contrastive", "negative_phase": getattr(eng, "negative", None),
                          "n_chains": sp.n_chains, "burn_in": sp.burn_in, "n_samples": sp.n_samples, "thin": sp.thin,
                          "max_rhat_rbm_energy": float(rhat["energy"].max()),
                          "mean_test_log_likelihood": float(table["test_log_likelihood"].mean()),

@@ -29,7 +29,7 @@ from physppl.inference.presets import resolve_named
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.vae import check_support
 
-from .data import ArrayDataSource, DigitsDataSource, IsingDataSource, VAEData
+from .data import DigitsDataSource, IsingDataSource, VAEData, data_source
 from .options import Evaluation, PhaseAnalysis, Training
 from .parts import GUIDES, MODELS, resolve_engine
 from .training import FitResult, amortization_gap, fit_vae
@@ -70,15 +70,8 @@ class VAEResult(Result):
 DATASETS: dict[str, Callable[[], Any]] = {"digits": DigitsDataSource, "ising": IsingDataSource}
 
 
-def _source(data) -> Any:
-    if isinstance(data, str) and data.strip().lower() in DATASETS:
-        return DATASETS[data.strip().lower()]()
-    if isinstance(data, (str, os.PathLike)):
-        return ArrayDataSource(path=str(data))
-    if callable(getattr(data, "load", None)):
-        return data
-    raise TypeError(f"train_vae: data must be 'digits', 'ising', a .npy/.npz path or a data source with load(); "
-                    f"got {type(data).__name__}")
+def _source(data: Any) -> Any:
+    return data_source(data, DATASETS, "train_vae")
 
 
 def latent_posterior(model, guide, x: torch.Tensor, rows: np.ndarray, labels: dict[str, np.ndarray],

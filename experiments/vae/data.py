@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -293,3 +293,16 @@ def _default_image_shape(event_shape: tuple[int, ...]) -> tuple[int, ...] | None
         return tuple(event_shape[1:])
     side = int(round(np.sqrt(event_shape[0])))
     return (side, side) if side * side == event_shape[0] else None
+
+
+def data_source(data: Any, datasets: Mapping[str, Callable[[], Any]], caller: str) -> Any:
+    """What a problem's ``data`` argument names: a built-in set by name (``datasets``), a ``.npy``/``.npz`` path (an
+    :class:`ArrayDataSource`), or a data source of the caller's with ``load()``."""
+    if isinstance(data, str) and data.strip().lower() in datasets:
+        return datasets[data.strip().lower()]()
+    if isinstance(data, (str, os.PathLike)):
+        return ArrayDataSource(path=str(data))
+    if callable(getattr(data, "load", None)):
+        return data
+    raise TypeError(f"{caller}: data must be {', '.join(repr(k) for k in datasets)}, a .npy/.npz path or a data "
+                    f"source with load(); got {type(data).__name__}")
