@@ -3,7 +3,9 @@
 One call per problem, each returning a :class:`~physppl.inference.runner.Result` (``.idata``, ``.metrics``,
 ``.save(directory)``) and each the function the command line runs:
 
-* :func:`merge` -- scaling and merging unmerged X-ray diffraction intensities (``physppl +experiment=merging``)
+* :func:`merge` -- scaling and merging unmerged X-ray diffraction intensities, monochromatic or Laue, one data set or
+  several in one model (``physppl +experiment=merging``, ``+experiment=merging_laue``)
+* :func:`difference_map` -- an isomorphous difference map between two merged data sets (``+experiment=difference_map``)
 * :func:`weigh_frames` -- weights of MD frames against diffuse scattering (``+experiment=md_weights``)
 * :func:`infer_beam` -- beam parameters from knife-edge scans by simulation-based inference (``+experiment=beam_sbi``)
 * :func:`train_vae` -- a variational autoencoder on Ising configurations, digits or your arrays (``+experiment=vae_*``)
@@ -35,6 +37,8 @@ except PackageNotFoundError:  # a source tree that was not installed
 _API = {
     "merge": "physppl.merging.api",
     "MergeResult": "physppl.merging.api",
+    "difference_map": "physppl.merging.difference_map",
+    "DifferenceMapResult": "physppl.merging.difference_map",
     "weigh_frames": "physppl.md_weights.api",
     "FrameWeightsResult": "physppl.md_weights.api",
     "infer_beam": "physppl.beam_sbi.api",

@@ -39,7 +39,14 @@ def parameter_groups(modules: Mapping[str, nn.Module], module_lr: Mapping[str, f
     seen: set[int] = set()
     groups = []
     for path, rate in (module_lr or {}).items():
-        module = _submodule(modules, path)
+        optional = path.endswith("?")  # "lambda_curve?": a part only some models have
+        path = path.rstrip("?")
+        try:
+            module = _submodule(modules, path)
+        except ValueError:
+            if optional:
+                continue
+            raise
         if module is None:
             continue
         params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
@@ -63,7 +70,8 @@ class ClippedAdam:
         Learning rate of every parameter not named in ``module_lr``.
     module_lr : dict, optional
         Learning rates of submodules by attribute path, looked up in the model and then the guide (``"scale"``,
-        ``"error_model"``; ``"guide.encoder"`` to be explicit). An unknown path is an error naming the submodules.
+        ``"error_model"``; ``"guide.encoder"`` to be explicit). An unknown path is an error naming the submodules,
+        unless it ends in ``?`` (``"lambda_curve?"``: a part only some models have).
         E.g. the few shared parameters of a merging model's scale need smaller steps than thousands of whitened
         guide parameters.
     lrd : float

@@ -8,6 +8,7 @@ weighted mean (:mod:`physppl.merging.weighted_mean`), the maximum-likelihood mer
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Protocol, runtime_checkable
 
 import pyro
@@ -16,10 +17,11 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from .components.double_wilson import DoubleWilsonPrior, WilsonPrior
 from .components.likelihoods import likelihood_from_name
-from .components.wilson import wilson_prior
+from .components.wavelength import WavelengthCurve
 
-__all__ = ["MergingModel", "Likelihood", "ScaleModel", "ErrorModelProtocol", "MergingModelProtocol"]
+__all__ = ["MergingModel", "LaueMergingModel", "PRIORS", "Likelihood", "ScaleModel", "ErrorModelProtocol", "MergingModelProtocol"]
 
 
 # -- what a part of your own must do (checked by physppl.merge on the first observations, before training) ----------
@@ -66,13 +68,34 @@ class MergingModelProtocol(Protocol):
                 subsample: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
+PRIORS = {"wilson": WilsonPrior, "double_wilson": DoubleWilsonPrior}
+
+
+def _bound_prior(prior, centric, epsilon, sigma_n, dataset, refl_key) -> nn.Module:
+    """The prior module for these reflections: a name, a class or factory, or a module (copied: one model's
+    reflections must not rebind another's)."""
+    if prior is None or isinstance(prior, str):
+        name = prior or "wilson"
+        if name not in PRIORS:
+            raise ValueError(f"unknown prior {name!r}; choose one of {', '.join(PRIORS)}")
+        prior = PRIORS[name]()
+    elif not isinstance(prior, nn.Module):
+        prior = prior()
+    else:
+        prior = copy.deepcopy(prior)
+    if not callable(getattr(prior, "bind", None)):
+        raise TypeError(f"prior {type(prior).__name__} has no bind(centric, epsilon, sigma_n, dataset=, refl_key=)")
+    return prior.bind(centric, epsilon, sigma_n, dataset=dataset, refl_key=refl_key) or prior
+
+
 class MergingModel(PyroModule):
     """Wilson prior on amplitudes, a learned scale, and a noise model for the unmerged intensities.
 
     Sample sites
     ------------
     F : Tensor, shape (n_refl,), plate "refl" (dim -1)
-        Amplitude of each unique reflection (Friedel mates separate in anomalous mode), Wilson prior.
+        Amplitude of each unique reflection (Friedel mates separate in anomalous mode; with several data sets,
+        each data set's reflections), Wilson's prior or the double-Wilson prior between data sets.
     I : Tensor, shape (n_obs,) or (batch,), plate "obs" (dim -1), observed
         Each unmerged intensity, ``likelihood(exp(log_scale) * F[refl]^2, sigma')`` with ``sigma'`` the
         reported sigma passed through the error model (if any); subsampled when
@@ -104,11 +127,15 @@ class MergingModel(PyroModule):
         error_model: nn.Module | None = None,
         n_images: int | None = None,
         n_features: int | None = None,
+        prior: nn.Module | str | Callable[[], nn.Module] | None = None,
+        dataset: torch.Tensor | None = None,
+        refl_key=None,
     ):
         super().__init__()
         self.register_buffer("centric", torch.as_tensor(centric, dtype=torch.bool))
         self.register_buffer("epsilon", torch.as_tensor(epsilon, dtype=torch.get_default_dtype()))
         self.register_buffer("sigma_n", torch.as_tensor(sigma_n, dtype=torch.get_default_dtype()))
+        self.prior = _bound_prior(prior, self.centric, self.epsilon, self.sigma_n, dataset, refl_key)
         self.scale = scale if isinstance(scale, nn.Module) else scale(n_images=n_images, n_features=n_features)
         self.likelihood = likelihood_from_name(likelihood) if isinstance(likelihood, str) else likelihood
         self.error_model = error_model
@@ -128,12 +155,82 @@ class MergingModel(PyroModule):
         subsample: torch.Tensor | None = None,
     ) -> torch.Tensor:
         with pyro.plate("refl", self.n_refl, dim=-1):
-            F = pyro.sample("F", wilson_prior(self.centric, self.epsilon, self.sigma_n))
-        idx = torch.arange(refl.shape[0]) if subsample is None else subsample
+            F = pyro.sample("F", self.prior())
+        idx = torch.arange(refl.shape[0], device=refl.device) if subsample is None else subsample
         # the scale runs outside the plate: its own prior terms (pyro.factor) are global, not per observation
         log_scale = self.scale(image[idx], metadata[idx], inv_d2[idx])
         with pyro.plate("obs", refl.shape[0], dim=-1, subsample=idx):
             loc = log_scale.exp() * F[..., refl[idx]].square()
+            obs = None if intensity is None else intensity[idx]
+            sd = sigma[idx] if self.error_model is None else self.error_model(sigma[idx], loc)
+            return pyro.sample("I", self.likelihood(loc, sd), obs=obs)
+
+
+class LaueMergingModel(MergingModel):
+    """Merging of Laue (polychromatic) data: the scale learns the source's wavelength curve, and a spot that
+    records several harmonics (h, 2h, 3h, ... at wavelengths lambda, lambda/2, ...) is predicted as their sum.
+
+    Sample sites
+    ------------
+    F : Tensor, shape (n_refl,), plate "refl" (dim -1)
+        As :class:`MergingModel`.
+    I : Tensor, shape (n_obs,) or (batch,), plate "obs" (dim -1), observed
+        Each spot's intensity, ``likelihood(sum_j k_i(lambda_ij) F[refl_ij]^2, sigma')`` over the spot's
+        components ``j`` (one for a singlet), with ``log k_i(lambda) = scale(metadata_i) + c(lambda)``.
+
+    The wavelength curve ``c`` (:class:`~physppl.models.components.wavelength.WavelengthCurve`, parameter
+    ``lambda_curve``) adds the ``pyro.factor`` site ``"wavelength_smoothness"``.
+
+    Parameters
+    ----------
+    wavelength_range : (float, float)
+        The source band in A (the data's ``band``), where the curve has its knots.
+    n_knots, curve_smoothness : int, float
+        Knots of the piecewise-linear log-curve and the sd of its second differences.
+    Others as :class:`MergingModel`.
+    """
+
+    def __init__(
+        self,
+        centric: torch.Tensor,
+        epsilon: torch.Tensor,
+        sigma_n: torch.Tensor,
+        scale: nn.Module | Callable[..., nn.Module],
+        likelihood: Callable | str = "normal",
+        error_model: nn.Module | None = None,
+        n_images: int | None = None,
+        n_features: int | None = None,
+        prior: nn.Module | str | Callable[[], nn.Module] | None = None,
+        dataset: torch.Tensor | None = None,
+        refl_key=None,
+        wavelength_range: tuple[float, float] = (0.9, 1.3),
+        n_knots: int = 16,
+        curve_smoothness: float = 0.1,
+    ):
+        super().__init__(centric, epsilon, sigma_n, scale, likelihood=likelihood, error_model=error_model,
+                         n_images=n_images, n_features=n_features, prior=prior, dataset=dataset, refl_key=refl_key)
+        self.lambda_curve = WavelengthCurve(wavelength_range, n_knots=n_knots, smoothness=curve_smoothness)
+
+    def forward(self, refl, image, metadata, inv_d2, sigma, intensity=None, subsample=None, wavelength=None,
+                harmonic_refl=None, harmonic_wavelength=None) -> torch.Tensor:
+        if wavelength is None:
+            raise ValueError("LaueMergingModel needs each spot's wavelength: set data.wavelength=<column>")
+        with pyro.plate("refl", self.n_refl, dim=-1):
+            F = pyro.sample("F", self.prior())
+        idx = torch.arange(refl.shape[0], device=refl.device) if subsample is None else subsample
+        # scale and curve outside the plate: their smoothness factors are global, not per observation
+        base = self.scale(image[idx], metadata[idx], inv_d2[idx])
+        if harmonic_refl is None:
+            log_k = base + self.lambda_curve(wavelength[idx])
+        else:
+            comp = harmonic_refl[idx]
+            log_k = base.unsqueeze(-1) + self.lambda_curve(harmonic_wavelength[idx])
+        with pyro.plate("obs", refl.shape[0], dim=-1, subsample=idx):
+            if harmonic_refl is None:
+                loc = log_k.exp() * F[..., refl[idx]].square()
+            else:
+                terms = log_k.exp() * F[..., comp.clamp(min=0)].square()
+                loc = torch.where(comp >= 0, terms, torch.zeros_like(terms)).sum(-1)
             obs = None if intensity is None else intensity[idx]
             sd = sigma[idx] if self.error_model is None else self.error_model(sigma[idx], loc)
             return pyro.sample("I", self.likelihood(loc, sd), obs=obs)

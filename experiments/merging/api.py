@@ -22,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from physppl.inference.convert import Rescale, summarize, to_inference_data
 from physppl.inference.fit import Fit, ProtocolError, fit as fit_model
+from physppl.inference.presets import call_accepting
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.io.mtz import add_free_r, check_free_r_file, history_lines, mtz_writer, read_merged_mtz
-from physppl.models.merging import MergingModel
+from physppl.models.merging import LaueMergingModel, MergingModel
 from physppl.models.components.scale import initialize_scale
 
 from .data import MergingData, MergingDataSource, initial_estimates
-from .parts import check_parts, resolve_engine, resolve_error_model, resolve_guide, resolve_likelihood, resolve_scale
+from .parts import (check_parts, resolve_engine, resolve_error_model, resolve_guide, resolve_likelihood, resolve_prior,
+                    resolve_scale)
 from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitudes, truth_metrics
 
 __all__ = ["merge", "MergeResult", "task", "to_merged_mtz", "OUTPUT_FILES", "refl_coordinates"]
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 RELIABILITY_HINTS = {"not_converged": "raise the engine's max_steps (inference.max_steps on the command line)"}
 
 OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "losses.csv",
+                "wavelength_curve.csv",
                 "checkpoint.pt", "checkpoint_halves.pt")
 
 
@@ -60,6 +63,9 @@ class MergeResult(Result):
         The observations as the model saw them (normalised by ``data.norm``).
     fit : Fit
         The engine's fit (draws in the model's units, losses, diagnostics).
+    model : nn.Module
+        The fitted model: its learned scale, the Laue wavelength curve (``model.lambda_curve.curve()``), the prior
+        (a learned double-Wilson ``model.prior.r_set``).
     """
 
     mtz: Any = None
@@ -67,6 +73,7 @@ class MergeResult(Result):
     cc_half: pd.DataFrame | None = None
     data: MergingData | None = None
     fit: Fit | None = None
+    model: Any = None
 
 
 def refl_coordinates(data: MergingData) -> tuple[dict, dict]:
@@ -75,10 +82,33 @@ def refl_coordinates(data: MergingData) -> tuple[dict, dict]:
     friedel and dHKL are coordinates beside it. Dim ``obs``: the observation's row."""
     sign = {1: " (+)", -1: " (-)", 0: ""}
     names = np.array([f"{h} {k} {l}{sign[int(f)]}" for (h, k, l), f in zip(data.hkl, data.friedel)])
-    coords = {"refl": names, "obs": np.arange(data.n_obs)}
     extra = {"refl": {"H": data.hkl[:, 0], "K": data.hkl[:, 1], "L": data.hkl[:, 2], "friedel": data.friedel,
                       "dHKL": data.dhkl}}
+    if data.dataset is not None and data.n_datasets > 1:  # "2ms: 0 0 8": the same index in two data sets
+        set_names = np.asarray(data.dataset_names, dtype=object)[data.dataset]
+        names = np.array([f"{d}: {n}" for d, n in zip(set_names, names)])
+        extra["refl"]["dataset"] = set_names.astype(str)
+    coords = {"refl": names, "obs": np.arange(data.n_obs)}
     return coords, extra
+
+
+def merged_by_dataset(table: pd.DataFrame, data: MergingData) -> dict[str, rs.DataSet] | None:
+    """One merged DataSet per data set (by name) when several were merged apart; None for one data set."""
+    if data.dataset is None or data.n_datasets < 2:
+        return None
+    return {name: to_merged_mtz(table[table["dataset"] == k], data) for k, name in enumerate(data.dataset_names)}
+
+
+def combined_mtz(per_set: dict[str, rs.DataSet]) -> rs.DataSet:
+    """One DataSet with a column set per data set (``F_off``, ``SIGF_off``, ..., ``F_2ms``, ...)."""
+    parts = [ds.rename(columns={c: f"{c}_{name}" for c in ds.columns}) for name, ds in per_set.items()]
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.join(p, how="outer")
+    for c in out.columns:
+        if c.startswith("N_") or c.startswith("N(+)_") or c.startswith("N(-)_"):
+            out[c] = out[c].fillna(0).astype("MTZInt")
+    return out
 
 
 def to_merged_mtz(table: pd.DataFrame, data: MergingData) -> rs.DataSet:
@@ -143,14 +173,18 @@ def _source(data, options: dict) -> tuple[MergingDataSource, rs.DataSet | None]:
 class _Merger:
     """One fit of the merging model on one MergingData (the full data, or the half datasets)."""
 
-    def __init__(self, model: Callable, scale, likelihood, error_model, guide, engine, device: torch.device):
+    def __init__(self, model: Callable, scale, likelihood, error_model, guide, engine, device: torch.device,
+                 prior=None):
         self.model_factory, self.scale, self.likelihood, self.error_model = model, scale, likelihood, error_model
-        self.guide_factory, self.engine, self.device = guide, engine, device
+        self.guide_factory, self.engine, self.device, self.prior = guide, engine, device, prior
+        self.model: torch.nn.Module | None = None  # the last model fitted (its learned scale, curve, prior)
 
     def build(self, data: MergingData, init: pd.DataFrame) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
         scale = copy.deepcopy(self.scale) if isinstance(self.scale, torch.nn.Module) else self.scale
+        # a user's model that knows nothing of priors is only given one when a non-default prior was asked for
+        prior = {} if self.prior is None else {"prior": self.prior}
         model = self.model_factory(**data.model_init(), scale=scale, likelihood=self.likelihood,
-                                   error_model=copy.deepcopy(self.error_model))
+                                   error_model=copy.deepcopy(self.error_model), **prior)
         if not isinstance(model, torch.nn.Module):
             raise ProtocolError(f"merge: model {type(model).__name__} is not an nn.Module (see "
                             "physppl.models.merging.MergingModelProtocol)")
@@ -163,7 +197,10 @@ class _Merger:
         if getattr(self.engine, "needs_guide", True):
             guide = self.guide_factory
             if not isinstance(guide, torch.nn.Module):
-                guide = guide(init_mean=init["F"].to_numpy(), init_sd=init["SIGF"].to_numpy())
+                # a guide that pairs data sets gets the prior's parent of each reflection
+                parent = getattr(getattr(model, "prior", None), "parent", None)
+                guide = call_accepting(guide, init_mean=init["F"].to_numpy(), init_sd=init["SIGF"].to_numpy(),
+                                       parent=None if parent is None else parent.cpu())
             guide.to(self.device)
         return model, guide, kwargs
 
@@ -172,6 +209,7 @@ class _Merger:
         engine = engine or self.engine
         init = initial_estimates(data)
         model, guide, kwargs = self.build(data, init)
+        self.model = model
         fit = fit_model(model, guide, kwargs, engine, n_draws=n_draws, n_data=data.n_obs, sites=["F"], workdir=workdir)
         if "moments" in fit.extras:
             moments = fit.extras["moments"]
@@ -209,6 +247,7 @@ def merge(
     scale: Any = "mlp_image",
     likelihood: Any = "student_t",
     error_model: Any = "sdfac_sdadd",
+    prior: Any = "wilson",
     guide: Any = "folded_normal",
     engine: Any = "svi",
     n_draws: int = 200,
@@ -235,6 +274,9 @@ def merge(
         By name (:data:`~physppl.merging.parts.SCALES`, ``LIKELIHOODS``, ``ERROR_MODELS``) or your own (a scale
         module or its class/factory taking ``n_images`` and ``n_features``; a callable ``(loc, sigma) ->
         Distribution``; a module ``(sigma, predicted) -> sigma'`` or ``None``).
+    prior : str or object
+        ``"wilson"`` or ``"double_wilson"`` (between data sets: ``DoubleWilsonPrior(parents=[None, 0], r=[0.0, 0.99])``
+        for your own parents and r), or a prior module (:class:`~physppl.models.merging.MergingModel`).
     guide : str or object
         A family of :class:`~physppl.guides.merging.MergingGuide` by name, or a factory called with ``init_mean``
         and ``init_sd`` (the conventional merge, in the model's units), or a guide module.
@@ -254,25 +296,34 @@ def merge(
         Where checkpoints go while the fit runs (needed to resume); nothing is written without it.
     **data_options
         Options of :class:`~physppl.merging.data.MergingDataSource`: ``anomalous``, ``metadata``, ``dmin``,
-        ``columns``, ``partials``, ``drop_bad_sigma``, ``half_datasets``, ``reference``, ``simulate``.
+        ``columns``, ``partials``, ``drop_bad_sigma``, ``half_datasets``, ``reference``, ``simulate``; for several
+        data sets ``paths`` and ``separate``; for Laue data ``wavelength`` (the column), ``band`` and ``harmonics``.
+        Laue data take :class:`~physppl.models.merging.LaueMergingModel` (chosen for you when ``model`` is the
+        default).
     """
     source, given = _source(data, data_options)
     free_r_file = free_r if isinstance(free_r, (str, os.PathLike)) else None
     if free_r_file is not None:
         check_free_r_file(free_r_file)  # before any work, not after the fit
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
-    with Job("merging", settings, inputs=[source.path, source.reference, free_r_file], workdir=workdir,
-             outputs=OUTPUT_FILES, hints=RELIABILITY_HINTS) as job:
+    names = source.names or []
+    outputs = OUTPUT_FILES + tuple(f"merged_{n}.mtz" for n in names)
+    with Job("merging", settings, inputs=[*source.inputs, source.reference, free_r_file], workdir=workdir,
+             outputs=outputs, hints=RELIABILITY_HINTS) as job:
         ds, truth = (given, None) if given is not None else source.load()
         data_ = source.prepare(ds)
         reference = read_merged_mtz(source.reference, anomalous=data_.anomalous) if source.reference else None
+        if data_.wavelength is not None and model is MergingModel:
+            model = LaueMergingModel  # the Laue likelihood (wavelength curve, harmonics) for Laue data
         merger = _Merger(model, resolve_scale(scale), resolve_likelihood(likelihood), resolve_error_model(error_model),
-                         resolve_guide(guide), resolve_engine(engine), job.device)
+                         resolve_guide(guide), resolve_engine(engine), job.device, prior=resolve_prior(prior))
         log.info("data: %d observations of %d reflections on %d images (%s)", data_.n_obs, data_.n_refl,
-                 data_.n_images, source.path or "simulated")
+                 data_.n_images, ", ".join(source.inputs) or "simulated")
         fit, moments, log_scale = merger.run(data_, n_draws, workdir)
+        fitted = merger.model
         table = merged_table(data_, moments)
-        mtz = to_merged_mtz(table, data_)
+        per_set = merged_by_dataset(table, data_)
+        mtz = to_merged_mtz(table, data_) if per_set is None else combined_mtz(per_set)
 
         coords, extra = refl_coordinates(data_)
         f_units = float(np.sqrt(data_.norm))
@@ -289,8 +340,14 @@ def merge(
             pyro.set_rng_seed(job.seed + 1)  # the half-dataset fit's draws do not depend on how long the main fit ran
             halves = data_.split_halves(seed=job.seed)
             hfit, hmoments, _ = merger.run(halves, 2, workdir, engine=_halves_engine(merger.engine, workdir))
-            cc, shells = half_dataset_cc(merged_table(halves, hmoments))
+            half_table = merged_table(halves, hmoments)
+            cc, shells = half_dataset_cc(half_table)
             metrics.update(cc)
+            if per_set is not None:  # CC1/2 of each data set: the figure a time-resolved user compares
+                for k, name in enumerate(data_.dataset_names):
+                    cc_k, shells_k = half_dataset_cc(half_table[half_table["dataset"] == k])
+                    metrics.update({f"{key}_{name}": v for key, v in cc_k.items()})
+                    shells[f"cc_half_{name}"] = shells_k["cc_half"]
             metrics["half_train_time"] = hfit.info.get("train_time")
         if reference is not None:
             metrics.update(reference_cc(mtz, reference))
@@ -299,13 +356,25 @@ def merge(
             f_draws = fit.flat("F").double().numpy() * f_units
             lower, upper = np.quantile(f_draws, [0.05, 0.95], axis=0)
             truth_table = table.assign(lower=lower, upper=upper,
-                                       F_TRUE=true_amplitudes(truth, data_.hkl, data_.friedel))
+                                       F_TRUE=true_amplitudes(truth, data_.hkl, data_.friedel, data_.dataset))
             metrics.update(truth_metrics(*(truth_table[c].to_numpy(float) for c in
                                            ("F", "lower", "upper", "F_TRUE", "dHKL"))))
 
         if free_r is not None:
             mtz = add_free_r(mtz, free_r, seed=job.seed)
         files = {"merged.mtz": mtz_writer(mtz, history=history_lines("merge"))}
+        for name, ds_k in (per_set or {}).items():
+            if free_r is not None:
+                ds_k = add_free_r(ds_k, free_r, seed=job.seed)
+            files[f"merged_{name}.mtz"] = mtz_writer(ds_k, history=history_lines(f"merge ({name})"))
+        curve = getattr(fitted, "lambda_curve", None)
+        if curve is not None:  # the learned wavelength normalisation, as a table beside its plot
+            lam, rel = curve.curve()
+            files["wavelength_curve.csv"] = lambda p, t=pd.DataFrame({"wavelength": lam.numpy(),
+                                                                   "relative_scale": rel.numpy()}): t.to_csv(p, index=False)
+        if data_.wavelength is not None:
+            metrics["n_harmonic_multiplets"] = 0 if data_.harmonic_refl is None else \
+                int(((data_.harmonic_refl >= 0).sum(1) > 1).sum())
         if shells is not None:
             files["cc_half.csv"] = lambda p, s=shells: s.to_csv(p, index=False)
 
@@ -317,7 +386,13 @@ def merge(
                 img = data_.image.numpy()
                 counts = np.maximum(np.bincount(img, minlength=data_.n_images), 1)
                 per_image = np.bincount(img, weights=k, minlength=data_.n_images) / counts
-                plots.plot_scales(data_.batch_values, per_image, data_.inv_d2.numpy(), k, out / "scale.png")
+                images = data_.batch_values if data_.n_datasets == 1 else np.arange(data_.n_images)
+                plots.plot_scales(images, per_image, data_.inv_d2.numpy(), k, out / "scale.png")
+            curve = getattr(fitted, "lambda_curve", None)
+            if curve is not None:
+                lam, rel = curve.curve()
+                plots.plot_wavelength_curve(lam.numpy(), rel.numpy(), data_.wavelength.numpy(),
+                                            out / "wavelength_curve.png")
             plots.plot_wilson(data_.dhkl, moments["I_mean"] * data_.norm, data_.epsilon.numpy(),
                               data_.sigma_n.numpy() * data_.norm, out / "wilson.png")
             if shells is not None:
@@ -332,7 +407,8 @@ def merge(
 
         log.info("merged %d reflections; %s", data_.n_refl, fit.info.get("stop_reason", fit.info.get("engine")))
         return job.result(MergeResult, idata=idata, metrics=metrics, losses=fit.losses, summary=summary, files=files,
-                          figures=figures, mtz=mtz, table=table, cc_half=shells, data=data_, fit=fit)
+                          figures=figures, mtz=mtz, table=table, cc_half=shells, data=data_, fit=fit,
+                          model=fitted)
 
 
 def _model_factory(node) -> tuple[Callable, dict]:
@@ -343,7 +419,7 @@ def _model_factory(node) -> tuple[Callable, dict]:
     conf.pop("_partial_", None)
     conf.pop("_convert_", None)
     parts = {k: instantiate(node[k]) if OmegaConf.is_dict(node[k]) else node[k]
-             for k in ("scale", "likelihood", "error_model") if k in node}
+             for k in ("scale", "likelihood", "error_model", "prior") if k in node}
     for k in parts:
         conf.pop(k, None)
     factory = (lambda **kw: cls(**conf, **kw)) if conf else cls

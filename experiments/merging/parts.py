@@ -16,12 +16,13 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 from torch import nn
 
-from physppl.guides.merging import FAMILIES, MergingGuide
+from physppl.guides.merging import FAMILIES, MergingGuide, PairedMergingGuide
 from physppl.inference.fit import ProtocolError
 from physppl.inference.nuts import NUTSEngine
 from physppl.inference.optim import ClippedAdam
 from physppl.inference.presets import Preset, resolve_named
 from physppl.inference.svi import SVIEngine
+from physppl.models.components.double_wilson import DoubleWilsonPrior, WilsonPrior
 from physppl.models.components.error_model import ErrorModel, ReportedSigma
 from physppl.models.components.likelihoods import LIKELIHOODS as LIKELIHOOD_CLASSES
 from physppl.models.components.scale import BFactorScale, CompositeScale, FixedScale, ImageScale, MLPScale
@@ -29,7 +30,7 @@ from physppl.models.components.scale import BFactorScale, CompositeScale, FixedS
 from .weighted_mean import WeightedMeanEngine
 
 __all__ = ["SCALES", "LIKELIHOODS", "ERROR_MODELS", "GUIDES", "ENGINES", "MERGING_OPTIM", "resolve_scale",
-           "resolve_likelihood", "resolve_error_model", "resolve_guide", "resolve_engine", "check_parts"]
+           "resolve_likelihood", "resolve_error_model", "resolve_prior", "PRIORS", "resolve_guide", "resolve_engine", "check_parts"]
 
 _DATA_SIZES = ("n_images", "n_features")  # a scale model's arguments that come from the data
 SCALES: dict[str, Preset] = {
@@ -45,12 +46,17 @@ SCALES: dict[str, Preset] = {
 }
 LIKELIHOODS: dict[str, Preset] = {name: Preset(cls) for name, cls in LIKELIHOOD_CLASSES.items()}
 ERROR_MODELS: dict[str, Preset] = {"sdfac_sdadd": Preset(ErrorModel), "none": Preset(ReportedSigma)}
+PRIORS: dict[str, Preset] = {"wilson": Preset(WilsonPrior), "double_wilson": Preset(DoubleWilsonPrior)}
 GUIDES: dict[str, Preset] = {family: Preset(MergingGuide, partial=True, family=family) for family in FAMILIES}
+# several data sets under the double-Wilson prior: each reflection correlated with its parent's
+GUIDES["paired_folded_normal"] = Preset(PairedMergingGuide, partial=True, exclude=("parent",))
 
 # Guide parameters are whitened (steps in units of each reflection's sd) and take the larger rate; the few shared
 # parameters of the scale and error models need smaller steps (measured on simulated data: a scale rate of 0.002
 # reached in 200 steps the loss that 0.0005 reached in 600 and a single rate of 0.01 in 2000).
-MERGING_OPTIM = Preset(ClippedAdam, lr=0.05, module_lr={"scale": 0.002, "error_model": 0.002}, lrd=0.999,
+# The Laue wavelength curve and a learned double-Wilson r are such shared parameters too (present in some models).
+MERGING_OPTIM = Preset(ClippedAdam, lr=0.05, module_lr={"scale": 0.002, "error_model": 0.002, "lambda_curve?": 0.01,
+                                                        "prior?": 0.002}, lrd=0.999,
                        clip_norm=10.0, betas=(0.9, 0.99))
 ENGINES: dict[str, Preset] = {
     "svi": Preset(SVIEngine, optim=MERGING_OPTIM, loss=Preset(Trace_ELBO, num_particles=1), max_steps=2000, min_steps=300, window=100, rtol=1e-3,
@@ -86,6 +92,19 @@ def resolve_error_model(value: Any) -> nn.Module | None:
         raise ProtocolError(f"error model {type(em).__name__} does not meet the ErrorModel protocol (an nn.Module): "
                         "missing method forward(sigma, predicted) -> sigma'")
     return em
+
+
+def resolve_prior(value: Any) -> nn.Module | None:
+    """The prior module, or None for Wilson's (so a model of your own need not take a prior)."""
+    if value is None or (isinstance(value, str) and value == "wilson"):
+        return None
+    prior = _instance(resolve_named(value, PRIORS, "prior"), "prior")
+    if isinstance(prior, WilsonPrior):
+        return None
+    if not callable(getattr(prior, "bind", None)):
+        raise ProtocolError(f"prior {type(prior).__name__} has no bind(centric, epsilon, sigma_n, dataset=, refl_key=) "
+                            "method (physppl.models.merging.MergingModel, parameter prior)")
+    return prior
 
 
 def resolve_scale(value: Any) -> nn.Module | Callable[..., nn.Module]:

@@ -19,6 +19,8 @@ def plot_cc_shells(shells: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     x = 1.0 / np.square(0.5 * (shells["d_max"] + shells["d_min"]))
     ax.plot(x, shells["cc_half"], "o-", label="CC1/2")
+    for column in (c for c in shells.columns if c.startswith("cc_half_")):  # each data set of a joint merge
+        ax.plot(x, shells[column], ".--", label=f"CC1/2 {column[len('cc_half_'):]}")
     if "cc_anom_half" in shells:
         ax.plot(x, shells["cc_anom_half"], "s-", label="CCanom (halves)")
     ticks = shells["d_min"].to_numpy()
@@ -78,4 +80,37 @@ def plot_comparison(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, path
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(loc="upper left", fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_difference_histogram(values: np.ndarray, peaks, path) -> None:
+    """Histogram of a difference map in sd units against a unit Normal, and the peak heights by rank."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.hist(values, bins=200, density=True, color="0.5", label="map")
+    x = np.linspace(values.min(), values.max(), 400)
+    a.plot(x, np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
+    a.set_yscale("log")
+    a.set_ylim(1e-7, 1)
+    a.set_xlabel("map value (sd)")
+    a.legend()
+    if len(peaks):
+        colors = ["tab:green" if h > 0 else "tab:red" for h in peaks["height"]]
+        a_ = peaks["height"].abs().to_numpy()
+        b.bar(peaks["rank"].to_numpy()[:50], a_[:50], color=colors[:50])
+    b.set_xlabel("peak rank (green +, red -)")
+    b.set_ylabel("|peak| (sd)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_wavelength_curve(wavelength: np.ndarray, relative: np.ndarray, spots: np.ndarray, path: Path) -> Path:
+    """The learned wavelength normalisation of Laue data (relative scale, mean 1 in log) over the spots' wavelengths."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.hist(spots, bins=60, color="0.85", weights=np.full(len(spots), 1.0 / max(len(spots), 1)))
+    ax.set_ylabel("fraction of spots")
+    ax.set_xlabel("wavelength (A)")
+    twin = ax.twinx()
+    twin.plot(wavelength, relative, "C0-", lw=2)
+    twin.set_ylabel("learned relative scale")
+    ax.set_title("wavelength normalisation (lambda curve)")
     return save_figure(fig, path)

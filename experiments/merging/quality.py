@@ -41,6 +41,8 @@ def merged_table(data, moments: dict[str, np.ndarray]) -> pd.DataFrame:
         "I": moments["I_mean"] * data.norm, "SIGI": moments["I_sd"] * data.norm,
         "N": data.n_per_refl(),
     })
+    if data.dataset is not None:
+        table["dataset"] = data.dataset
     return table
 
 
@@ -57,7 +59,8 @@ def anomalous_differences(table: pd.DataFrame, value: str = "I", by: str | None 
 
 def half_dataset_cc(halves: pd.DataFrame, n_bins: int = 10) -> tuple[dict, pd.DataFrame]:
     """CC1/2 of intensities (overall and per shell) and, with Friedel mates separate, CCanom between halves."""
-    wide = halves.pivot_table(index=["H", "K", "L", "friedel"], columns="half", values=["I", "dHKL"], aggfunc="first")
+    index = ["H", "K", "L", "friedel"] + (["dataset"] if "dataset" in halves.columns else [])
+    wide = halves.pivot_table(index=index, columns="half", values=["I", "dHKL"], aggfunc="first")
     wide = wide.dropna()
     i1, i2, d = wide[("I", 0)].to_numpy(), wide[("I", 1)].to_numpy(), wide[("dHKL", 0)].to_numpy()
     shells = cc_by_resolution(i1, i2, d, n_bins).rename(columns={"cc": "cc_half"})
@@ -89,16 +92,20 @@ def reference_cc(merged, reference) -> dict:
     return out
 
 
-def true_amplitudes(truth, hkl: np.ndarray, friedel: np.ndarray) -> np.ndarray:
+def true_amplitudes(truth, hkl: np.ndarray, friedel: np.ndarray, dataset: np.ndarray | None = None) -> np.ndarray:
     """True F of each model reflection from a simulator's truth table: F(+) / F(-) for Friedel-separate rows,
-    the Friedel mean F otherwise; NaN where truth has no such reflection."""
+    the Friedel mean F otherwise (with several data sets, data set k's ``F_k`` where the truth has it); NaN where
+    truth has no such reflection."""
     t = truth.reset_index().set_index(["H", "K", "L"])
     keys = pd.MultiIndex.from_arrays([hkl[:, 0], hkl[:, 1], hkl[:, 2]], names=["H", "K", "L"])
     out = np.full(len(friedel), np.nan)
-    for sign, column in ((0, "F"), (1, "F(+)"), (-1, "F(-)")):
-        sel = np.asarray(friedel) == sign
-        if sel.any():
-            out[sel] = t[column].astype(float).reindex(keys[sel]).to_numpy()
+    sets = np.zeros(len(friedel), int) if dataset is None else np.asarray(dataset)
+    for k in np.unique(sets):
+        suffix = f"_{k}" if f"F_{k}" in t.columns else ""
+        for sign, column in ((0, "F"), (1, "F(+)"), (-1, "F(-)")):
+            sel = (np.asarray(friedel) == sign) & (sets == k)
+            if sel.any() and column + suffix in t.columns:
+                out[sel] = t[column + suffix].astype(float).reindex(keys[sel]).to_numpy()
     return out
 
 
