@@ -5,6 +5,10 @@ from Wilson's prior; the ``i``-th observation of it is ``I_i ~ L(k_i F_{r(i)}^2,
 scale computed from the observation's metadata and ``L`` a noise model (Normal, Student-t, Laplace).
 Inferring ``q(F)`` by maximising the ELBO both scales and merges; contrast with the inverse-variance
 weighted mean (:mod:`physppl.merging.weighted_mean`), the maximum-likelihood merge.
+
+Several data sets merged together give each its own reflections (``dataset``, ``refl_key``) under one scale, and
+the prior may tie them (:mod:`~physppl.models.components.double_wilson`); :class:`LaueMergingModel` adds the
+wavelength curve of polychromatic data and predicts a spot as the sum of its harmonics.
 """
 from __future__ import annotations
 

@@ -81,9 +81,13 @@ def _physppl(name: str, data: Path, out: Path, env: dict, overrides: list[str]) 
     return row, run_dir
 
 
-def _careless(data: Path, out: Path, env: dict, exe: str | None, iterations: int, reuse: Path | None):
+def _careless(data: Path, out: Path, env: dict, exe: str | None, iterations: int, reuse: Path | None,
+              wait_min: float = 0.0):
     if reuse is not None:
         files = [reuse / "pyp_0.mtz", reuse / "pyp_1.mtz"]
+        deadline = time.time() + 60 * wait_min  # a careless run still going (started beside this one)
+        while time.time() < deadline and not (all(p.exists() for p in files) and (reuse / "careless.time").exists()):
+            time.sleep(20)
         if not all(p.exists() for p in files):
             return {"method": "careless", "error": f"{reuse} has no pyp_0.mtz / pyp_1.mtz"}, None
         timing = reuse / "careless.time"
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--careless-iterations", type=int, default=30_000)
     p.add_argument("--careless-output", type=Path, default=None,
                    help="reuse a finished careless poly run (a folder with pyp_0.mtz, pyp_1.mtz, careless.time)")
+    p.add_argument("--wait-careless", type=float, default=0.0, metavar="MIN",
+                   help="with --careless-output: wait up to MIN minutes for that run to finish")
     p.add_argument("--methods", default="weighted_mean,physppl,physppl_dw,careless")
     args = p.parse_args(argv)
     data = args.data_dir
@@ -135,7 +141,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             row, target = _physppl(name, data, out, env, common + ["model/prior=double_wilson",
                                                                    "model.prior.r=[0.0,0.99]"])
         elif name == "careless":
-            row, target = _careless(data, out, env, args.careless_bin, args.careless_iterations, args.careless_output)
+            row, target = _careless(data, out, env, args.careless_bin, args.careless_iterations, args.careless_output,
+                                    args.wait_careless)
         else:
             raise SystemExit(f"unknown method {name}")
         if target is not None:

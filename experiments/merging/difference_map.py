@@ -357,7 +357,8 @@ def difference_map(
         def figures(out: Path) -> None:
             from .plots import plot_difference_histogram
 
-            plot_difference_histogram(arr.ravel(), peaks, out / "difference_histogram.png")
+            mark = (site, metrics["site_peak_sign"] * metrics["site_peak_sigma"]) if site is not None else None
+            plot_difference_histogram(arr.ravel(), peaks, out / "difference_histogram.png", site=mark)
 
         files = {"difference.mtz": mtz_writer(coef, history=history_lines(f"difference map {pick[1]} - {pick[0]}")),
                  "peaks.csv": lambda p, t=peaks: t.to_csv(p, index=False)}

@@ -83,8 +83,9 @@ def plot_comparison(x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, path
     return save_figure(fig, path)
 
 
-def plot_difference_histogram(values: np.ndarray, peaks, path) -> None:
-    """Histogram of a difference map in sd units against a unit Normal, and the peak heights by rank."""
+def plot_difference_histogram(values: np.ndarray, peaks, path, site: tuple[str, float] | None = None) -> None:
+    """Histogram of a difference map in sd units against a unit Normal, and the peak heights by rank (with the
+    strongest value at a named site, when given)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.hist(values, bins=200, density=True, color="0.5", label="map")
     x = np.linspace(values.min(), values.max(), 400)
@@ -92,6 +93,10 @@ def plot_difference_histogram(values: np.ndarray, peaks, path) -> None:
     a.set_yscale("log")
     a.set_ylim(1e-7, 1)
     a.set_xlabel("map value (sd)")
+    if site is not None:
+        a.axvline(site[1], color="tab:blue", lw=1.5, label=f"{site[0]}: {site[1]:+.2f} sd")
+        b.axhline(abs(site[1]), color="tab:blue", lw=1.5, label=f"{site[0]}")
+        b.legend()
     a.legend()
     if len(peaks):
         colors = ["tab:green" if h > 0 else "tab:red" for h in peaks["height"]]

@@ -114,7 +114,8 @@ class DoubleWilson(TorchDistribution):
             ready = pending & ~pending[self._p]
             nu = r * f[..., self._p] * ratio
             s = (self.sigma * (1 - r.square())).sqrt()
-            z1, z2 = torch.randn(shape, dtype=f.dtype), torch.randn(shape, dtype=f.dtype)
+            z1 = torch.randn(shape, dtype=f.dtype, device=f.device)
+            z2 = torch.randn(shape, dtype=f.dtype, device=f.device)
             acentric = ((nu + s / math.sqrt(2) * z1).square() + (s / math.sqrt(2) * z2).square()).sqrt()
             centric = (nu + s * z1).abs()
             child = torch.where(self.centric, centric, acentric)

@@ -40,7 +40,7 @@ class WavelengthCurve(PyroModule):
     @torch.no_grad()
     def curve(self, n: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
         """(wavelengths, relative scale exp(c - mean c)) on a grid over the band, for plots."""
-        lam = torch.linspace(self.lo, self.hi, n)
+        lam = torch.linspace(self.lo, self.hi, n, device=self.values.device)
         with pyro.poutine.block():
             c = self(lam)
-        return lam, (c - c.mean()).exp()
+        return lam.cpu(), (c - c.mean()).exp().cpu()
