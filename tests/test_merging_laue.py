@@ -20,6 +20,7 @@ from physppl.models.components.double_wilson import DoubleWilson, DoubleWilsonPr
 from physppl.models.components.wavelength import WavelengthCurve
 from physppl.models.components.wilson import Wilson
 from physppl.models.simulators.laue import simulate_laue
+from xtal_tools import write_laue_pair, write_toy_models
 
 
 # -- the double-Wilson prior ---------------------------------------------------------------------------------------
@@ -143,13 +144,7 @@ def _write(ds: rs.DataSet, path) -> str:
 @pytest.fixture(scope="module")
 def two_states(tmp_path_factory):
     """Two small simulated Laue data sets of two related states, as the files a user would have."""
-    d = tmp_path_factory.mktemp("laue")
-    unmerged, truth = simulate_laue(n_images=4, dmin=3.0, n_states=2, seed=1)
-    paths = []
-    for k in (0, 1):
-        part = unmerged[unmerged["DATASET"] == k].drop(columns=["DATASET", "N_HARMONICS", "SCALE_TRUE"])
-        paths.append(_write(part, d / f"state{k}.mtz"))
-    return paths, truth
+    return write_laue_pair(tmp_path_factory.mktemp("laue"), names=("state0", "state1")), None
 
 
 def test_two_files_share_images_apart_and_keep_their_reflections(two_states):
@@ -202,39 +197,10 @@ def test_a_joint_merge_writes_one_mtz_per_data_set_and_names_reflections_by_data
 
 
 # -- difference maps -------------------------------------------------------------------------------------------------
-def _toy_models(tmp_path):
-    """A small P1 'protein' of carbon atoms and the same with one atom moved 1.5 A: the off and on states."""
-    rng = np.random.default_rng(0)
-    cell = (24.0, 26.0, 28.0, 90.0, 90.0, 90.0)
-    xyz = rng.uniform(3, 21, size=(40, 3))
-    paths = []
-    for k, shift in enumerate((0.0, 1.5)):
-        st_ = gemmi.Structure()
-        st_.cell = gemmi.UnitCell(*cell)
-        st_.spacegroup_hm = "P 1"
-        model = gemmi.Model("1")
-        chain = gemmi.Chain("A")
-        for i, p in enumerate(xyz):
-            res = gemmi.Residue()
-            res.name, res.seqid = ("LIG" if i == 0 else "ALA"), gemmi.SeqId(i + 1, " ")
-            atom = gemmi.Atom()
-            atom.name, atom.element = "C1", gemmi.Element("C")
-            atom.pos = gemmi.Position(p[0] + (shift if i == 0 else 0.0), p[1], p[2])
-            atom.b_iso, atom.occ = 15.0, 1.0
-            res.add_atom(atom)
-            chain.add_residue(res)
-        model.add_chain(chain)
-        st_.add_model(model)
-        path = tmp_path / f"state{k}.pdb"
-        st_.write_pdb(str(path))
-        paths.append(str(path))
-    return paths, xyz[0]
-
-
 def test_difference_map_finds_the_moved_atom(tmp_path):
     from physppl.merging.difference_map import difference_map, model_structure_factors
 
-    (off_pdb, on_pdb), site = _toy_models(tmp_path)
+    (off_pdb, on_pdb), site = write_toy_models(tmp_path, (24.0, 26.0, 28.0, 90.0, 90.0, 90.0), "P 1")
     cell = gemmi.UnitCell(24.0, 26.0, 28.0, 90, 90, 90)
     hkl = rs.utils.generate_reciprocal_asu(cell, gemmi.SpaceGroup("P 1"), 2.0, anomalous=False)
     rng = np.random.default_rng(1)

@@ -24,6 +24,7 @@ from physppl.rbm import api as rbm_api
 from physppl.rbm import parts as rbm_parts
 from physppl.rbm import thermodynamics as rbm_thermo
 from physppl.vae import api as vae_api
+from xtal_tools import write_laue_pair, write_toy_models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -87,6 +88,9 @@ def user_files(tmp_path, small_sim):
     frames, diffuse, bragg, _ = source._simulated()
     source.write(frames, diffuse, bragg, tmp_path)
     save_scans_npy(tmp_path / "scans.npy", fixed_observations(KnifeEdgeBeamModel(), 2, seed=3)[1])
+    # a time-resolved Laue pair and toy models of its two states (the chromophore: residue HC4)
+    write_laue_pair(tmp_path, names=("off", "2ms"))
+    write_toy_models(tmp_path, (34.0, 45.0, 52.0, 90.0, 90.0, 90.0), "P 21 21 21", site="HC4", names=("off", "2ms"))
     return tmp_path
 
 

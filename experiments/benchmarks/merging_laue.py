@@ -64,8 +64,9 @@ def _difference(run_or_files, data: Path, out: Path, name: str, env: dict, weigh
         return {"error": f"difference map exit {rc}, see {out / (name + '_dmap_' + weighting + '.log')}"}
     m = json.loads((run_dir / "metrics.json").read_text())
     return {f"{weighting}_site_sd": m["site_peak_sigma"], f"{weighting}_rank": m["site_rank"],
-            f"{weighting}_elsewhere_sd": m["max_elsewhere_sigma"], f"{weighting}_cc_dFc": m["cc_dF_dFc"],
-            "n_refl": m["n_reflections"]}
+            f"{weighting}_elsewhere_sd": m["max_elsewhere_sigma"],
+            f"{weighting}_elsewhere_general_sd": m["max_elsewhere_general_sigma"],
+            f"{weighting}_cc_dFc": m["cc_wdF_dFc"], "n_refl": m["n_reflections"], "cc_Foff_Fc": m["cc_F_off_Fc"]}
 
 
 def _physppl(name: str, data: Path, out: Path, env: dict, overrides: list[str]) -> tuple[dict, Path | None]:

@@ -395,7 +395,7 @@ def merge(
                                             out / "wavelength_curve.png")
             plots.plot_wilson(data_.dhkl, moments["I_mean"] * data_.norm, data_.epsilon.numpy(),
                               data_.sigma_n.numpy() * data_.norm, out / "wilson.png")
-            if shells is not None:
+            if shells is not None and np.isfinite(shells["cc_half"].to_numpy(float)).any():
                 plots.plot_cc_shells(shells, out / "cc_half.png")
             if reference is not None:
                 j = mtz[["I"]].join(reference[["I"]], rsuffix="_ref", how="inner")

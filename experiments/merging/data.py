@@ -127,6 +127,10 @@ class MergingData:
         """Half-datasets split by image (random halves of the images), each reflection merged per half."""
         rng = np.random.default_rng(seed)
         image_half = rng.permutation(self.n_images) % 2
+        if self.image_dataset is not None:  # each data set's images in halves of their own
+            for k in np.unique(self.image_dataset):
+                own = np.flatnonzero(self.image_dataset == k)
+                image_half[own] = rng.permutation(len(own)) % 2
         obs_half = image_half[self.image.numpy()]
         refl = self.refl.numpy()
         comps = [refl * 2 + obs_half]

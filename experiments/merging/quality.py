@@ -62,6 +62,9 @@ def half_dataset_cc(halves: pd.DataFrame, n_bins: int = 10) -> tuple[dict, pd.Da
     index = ["H", "K", "L", "friedel"] + (["dataset"] if "dataset" in halves.columns else [])
     wide = halves.pivot_table(index=index, columns="half", values=["I", "dHKL"], aggfunc="first")
     wide = wide.dropna()
+    if len(wide) < 3 * n_bins:  # too few reflections in both halves for shells (e.g. a data set of two images)
+        return {"cc_half": float("nan"), "n_cc_half": int(len(wide))}, pd.DataFrame(
+            {"d_max": [np.nan], "d_min": [np.nan], "n": [len(wide)], "cc_half": [np.nan]})
     i1, i2, d = wide[("I", 0)].to_numpy(), wide[("I", 1)].to_numpy(), wide[("dHKL", 0)].to_numpy()
     shells = cc_by_resolution(i1, i2, d, n_bins).rename(columns={"cc": "cc_half"})
     out = {"cc_half": pearson(i1, i2), "n_cc_half": int(len(i1))}
