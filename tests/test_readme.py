@@ -35,7 +35,7 @@ def small_budgets(monkeypatch, tmp_path):
     """The defaults' budgets, cut: the same code paths in seconds."""
     monkeypatch.setenv("PHYSPPL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PHYSPPL_CACHE_DIR", str(tmp_path / "cache"))
-    for preset in (merging_parts.ENGINES["svi"], md_parts.ENGINES["svi"]):
+    for preset in (merging_parts.ENGINES["svi"], merging_parts.ENGINES["svi_long"], md_parts.ENGINES["svi"]):
         for key, value in (("max_steps", 60), ("min_steps", 60), ("progress", False)):
             monkeypatch.setitem(preset.kwargs, key, value)
     for key, value in (("cc_steps", 50), ("warm_start_steps", 30), ("n_draws", 40)):

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "xtal" / "pyp")
     p.add_argument("--out", type=Path, default=Path("bench_merging_laue"))
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3000, help="physppl's SVI step budget")
+    p.add_argument("--steps", type=int, default=None, help="physppl's SVI step budget (default: the experiment's)")
     p.add_argument("--careless-bin", default=shutil.which("careless"))
     p.add_argument("--careless-iterations", type=int, default=30_000)
     p.add_argument("--careless-output", type=Path, default=None,
@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    common = [f"threads={args.threads}", f"inference.max_steps={args.steps}", "inference.progress=false"]
+    common = [f"threads={args.threads}", "inference.progress=false"]
+    if args.steps is not None:
+        common += [f"inference.max_steps={args.steps}", f"inference.min_steps={min(args.steps, 300)}"]
     methods = args.methods.split(",")
     rows = []
     for name in methods:
