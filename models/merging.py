@@ -194,6 +194,7 @@ class LaueMergingModel(MergingModel):
     Others as :class:`MergingModel`.
     """
 
+    # the base's arguments written out, not **kwargs: the command line's config is generated from this signature
     def __init__(
         self,
         centric: torch.Tensor,

@@ -22,30 +22,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from merging import _timed  # the merging benchmark's runner (this folder is on the path of a script run here)
+
 REPO = Path(__file__).resolve().parents[2]
 LAUE_METADATA = "X,Y,Wavelength,dHKL,Hobs,Kobs,Lobs"  # careless's PYP example
-
-
-def _timed(cmd: list[str], log: Path, env: dict) -> tuple[float, float, int]:
-    """Run ``cmd``; wall seconds, peak RSS in MB (GNU time) and exit code."""
-    time_bin = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exists() else None)
-    stats = log.with_suffix(".time")
-    full = [time_bin, "-f", "%e %M", "-o", str(stats)] + cmd if time_bin else cmd
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.run(full, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - t0
-    peak = float("nan")
-    if time_bin and stats.exists():
-        peak = float(stats.read_text().split()[-1]) / 1024
-    return wall, peak, rc
 
 
 def _difference(run_or_files, data: Path, out: Path, name: str, env: dict, weighting: str, columns=None) -> dict:

@@ -43,16 +43,19 @@ class DifferenceMapResult(Result):
     grid: Any = None
 
 
-def model_structure_factors(model: str | os.PathLike, hkl: np.ndarray) -> np.ndarray:
-    """Complex structure factors of an atomic model (PDB or mmCIF) at ``hkl`` (n, 3), by gemmi (X-ray form
-    factors, the model's B-factors and occupancies, no bulk solvent)."""
-    path = Path(model)
-    if not path.is_file():
-        raise FileNotFoundError(f"phases: model file {path} not found")
-    st = gemmi.read_structure(str(path))
+def model_structure_factors(model: str | os.PathLike | gemmi.Structure, hkl: np.ndarray) -> np.ndarray:
+    """Complex structure factors of an atomic model (a PDB / mmCIF file or a read gemmi Structure) at ``hkl``
+    (n, 3), by gemmi (X-ray form factors, the model's B-factors and occupancies, no bulk solvent)."""
+    if isinstance(model, gemmi.Structure):
+        st = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"phases: model file {path} not found")
+        st = gemmi.read_structure(str(path))
+        st.setup_entities()
     if len(st) == 0 or st[0].count_atom_sites() == 0:
-        raise MTZInputError(f"{path}: no atoms in the model")
-    st.setup_entities()
+        raise MTZInputError(f"{model}: no atoms in the model")
     calc = gemmi.StructureFactorCalculatorX(st.cell)
     # gemmi's calculator takes one index per call (its FFT route would need the blur undone); ~0.4 ms each
     return np.array([calc.calculate_sf_from_model(st[0], [int(h), int(k), int(l)]) for h, k, l in hkl])
@@ -315,7 +318,7 @@ def difference_map(
             sigdf = np.sqrt((k * s_on) ** 2 + s_off**2)
             sd_source = "sds in quadrature"
         w = q_weights(df, sigdf, alpha) if weighting == "q" else np.ones_like(df)
-        fc = model_structure_factors(phases, hkl)
+        fc = model_structure_factors(structure, hkl)  # the model read once for phases, peaks and the site
         phi = np.angle(fc, deg=True)
         coef = rs.DataSet({"H": hkl[:, 0], "K": hkl[:, 1], "L": hkl[:, 2], "DF": df, "SIGDF": sigdf, "W": w,
                            "WDF": w * df, "PHIC": phi, "FC": np.abs(fc)},
