@@ -7,6 +7,8 @@ One call per problem, each returning a :class:`~physppl.inference.runner.Result`
   several in one model (``physppl +experiment=merging``, ``+experiment=merging_laue``)
 * :func:`difference_map` -- an isomorphous difference map between two merged data sets (``+experiment=difference_map``)
 * :func:`weigh_frames` -- weights of MD frames against diffuse scattering (``+experiment=md_weights``)
+* :func:`infer_sbi` -- posteriors of any simulator's parameters by simulation-based inference: NPE with a spline
+  flow or a conditional invertible network, APT rounds, likelihood-based refinement, SBC (``+experiment=sbi``)
 * :func:`infer_beam` -- beam parameters from knife-edge scans by simulation-based inference (``+experiment=beam_sbi``)
 * :func:`train_vae` -- a variational autoencoder on Ising configurations, digits or your arrays (``+experiment=vae_*``)
 * :func:`train_rbm` -- a restricted Boltzmann machine on digits, Ising configurations or your arrays (``+experiment=rbm_digits``)
@@ -41,6 +43,8 @@ _API = {
     "DifferenceMapResult": "physppl.merging.difference_map",
     "weigh_frames": "physppl.md_weights.api",
     "FrameWeightsResult": "physppl.md_weights.api",
+    "infer_sbi": "physppl.simulation_inference.api",
+    "SBIResult": "physppl.simulation_inference.api",
     "infer_beam": "physppl.beam_sbi.api",
     "BeamResult": "physppl.beam_sbi.api",
     "train_vae": "physppl.vae.api",

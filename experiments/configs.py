@@ -46,11 +46,13 @@ def register() -> None:
     from physppl.merging import configs as merging
     from physppl.inverse_ising import configs as inverse_ising
     from physppl.rbm import configs as rbm
+    from physppl.simulation_inference import configs as simulation_inference
     from physppl.vae import configs as vae
 
     merging.register(cs, problem_node)
     md_weights.register(cs, problem_node)
     beam_sbi.register(cs, problem_node)
+    simulation_inference.register(cs, problem_node)
     vae.register(cs, problem_node)
     rbm.register(cs, problem_node)
     inverse_ising.register(cs, problem_node)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-__all__ = ["c2st", "sbc_ranks", "rank_uniformity", "coverage", "mean_error", "box_posterior_mode",
+__all__ = ["c2st", "sbc_ranks", "rank_uniformity", "coverage", "expected_coverage", "mean_error", "box_posterior_mode",
            "box_posterior_rejection_sample"]
 
 
@@ -274,3 +274,37 @@ def box_posterior_rejection_sample(
         raise RuntimeError(f"rejection sampler: only {len(draws)} of {n} draws after {max_rounds} rounds")
     accepted = sum(len(k) for k in kept)
     return draws, {"acceptance": accepted / max(tried, 1), "bound_restarts": exceeded, "mode": mode, "cov": cov}
+
+
+def expected_coverage(
+    theta: np.ndarray | torch.Tensor,
+    x: np.ndarray | torch.Tensor,
+    sample_and_log_prob: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n_draws: int = 200,
+    batch_size: int = 50,
+    levels: Sequence[float] | np.ndarray = np.linspace(0.05, 0.95, 19),
+) -> dict[str, np.ndarray]:
+    """Expected coverage of the highest-density regions of ``q(theta | x)`` (joint over all parameters).
+
+    For each prior draw ``theta_i`` and its data ``x_i``, ``alpha_i`` is the fraction of posterior draws with a
+    higher density than ``theta_i``: the truth lies in the level-``l`` highest-density region when
+    ``alpha_i < l``. A calibrated posterior has ``mean(alpha < l) = l`` for every level; below the diagonal it is
+    overconfident, above it underconfident.
+
+    ``sample_and_log_prob(x_batch, n)``: draws (n, batch, D) and their log densities (n, batch);
+    ``log_prob(theta_batch, x_batch)``: (batch,). Returns ``levels``, ``empirical`` (coverage at each level) and
+    ``alpha`` (N,).
+    """
+    theta_t = torch.as_tensor(_np(theta), dtype=torch.get_default_dtype())
+    x_t = torch.as_tensor(_np(x), dtype=torch.get_default_dtype())
+    alpha = []
+    with torch.no_grad():
+        for s in range(0, len(theta_t), batch_size):
+            tb, xb = theta_t[s:s + batch_size], x_t[s:s + batch_size]
+            _, lq = sample_and_log_prob(xb, int(n_draws))
+            lq_true = log_prob(tb, xb)
+            alpha.append((lq > lq_true.unsqueeze(0)).double().mean(0).cpu().numpy())
+    a = np.concatenate(alpha)
+    lv = np.asarray(levels, dtype=float)
+    return {"levels": lv, "empirical": np.array([(a < v).mean() for v in lv]), "alpha": a}

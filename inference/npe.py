@@ -124,8 +124,13 @@ class NPETrainer:
         workdir: str | os.PathLike | None = None,
         name: str = "npe_checkpoint",
         standardize: bool = True,
+        loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> NPEResult:
-        """Fit ``flow`` to pairs ``theta`` (N, D), ``x`` (N, ...) in place; returns the training record."""
+        """Fit ``flow`` to pairs ``theta`` (N, D), ``x`` (N, ...) in place; returns the training record.
+
+        ``loss(flow, theta_batch, x_batch)``: the mean loss of a minibatch (default ``-log q(theta | x)``, NPE;
+        :func:`~physppl.inference.apt.atomic_loss` for sequential rounds); the held-out loss uses it too.
+        """
         if len(theta) != len(x):
             raise ValueError(f"NPETrainer: {len(theta)} parameter vectors but {len(x)} simulations")
         n_val = max(1, int(round(self.validation_fraction * len(theta))))
@@ -133,17 +138,23 @@ class NPETrainer:
             raise ValueError(f"NPETrainer: {len(theta)} simulations are too few to train on")
         if not (torch.isfinite(theta).all() and torch.isfinite(x).all()):
             raise ValueError("NPETrainer: the training pairs contain NaN or infinite values")
+        if hasattr(flow, "on_features") and not isinstance(getattr(flow, "features", None), nn.Identity):
+            # fixed features (e.g. a per-observation fit) are computed once here, not in every epoch
+            x = flow.featurize(x)
+            if not torch.isfinite(x).all():
+                raise ValueError("NPETrainer: the estimator's features of some simulations are NaN or infinite")
+            flow = flow.on_features()
         home = next(iter(flow.parameters()), theta).device
         if self.device is not None and self.device != home:
             flow.to(self.device)
             theta, x = theta.to(self.device), x.to(self.device)
         try:
-            return self._fit(flow, theta, x, n_val, workdir, name, standardize)
+            return self._fit(flow, theta, x, n_val, workdir, name, standardize, loss or _nll)
         finally:
             flow.to(home)
 
     def _fit(self, flow: nn.Module, theta: torch.Tensor, x: torch.Tensor, n_val: int, workdir, name: str,
-             standardize: bool) -> NPEResult:
+             standardize: bool, loss_fn: Callable) -> NPEResult:
         seed = int(torch.randint(0, 2**31 - 1, ()).item()) if self.seed is None else self.seed
         gen = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(theta), generator=gen).to(theta.device)
@@ -185,7 +196,7 @@ class NPETrainer:
                     total, count = 0.0, 0
                     for start in range(0, len(order), self.batch_size):
                         idx = order[start:start + self.batch_size]
-                        loss = _nll(flow, theta[idx], x[idx])
+                        loss = _guarded(loss_fn, flow, theta[idx], x[idx])
                         if not torch.isfinite(loss):
                             raise TrainingDivergedError(
                                 f"neural posterior estimation diverged: loss {loss.item()} at epoch "
@@ -199,7 +210,7 @@ class NPETrainer:
                     sched.step()
                     flow.eval()
                     with torch.no_grad():
-                        parts = [_nll(flow, theta_val[s:s + 4096], x_val[s:s + 4096]) * len(theta_val[s:s + 4096])
+                        parts = [_guarded(loss_fn, flow, theta_val[s:s + 4096], x_val[s:s + 4096]) * len(theta_val[s:s + 4096])
                                  for s in range(0, len(theta_val), 4096)]
                         val = float(torch.stack(parts).sum() / len(theta_val))
                     if not math.isfinite(val):
@@ -242,10 +253,15 @@ class NPETrainer:
 
 
 def _nll(flow: nn.Module, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Mean ``-log q(theta | x)``; NaN (not an exception) when the flow's parameters went NaN."""
+    """Mean ``-log q(theta | x)``: the NPE loss."""
+    return -flow.log_prob(theta, x).mean()
+
+
+def _guarded(loss_fn: Callable, flow: nn.Module, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The loss, or NaN (not an exception) when the flow's parameters went NaN."""
     try:
-        return -flow.log_prob(theta, x).mean()
-    except ValueError as err:  # Pyro's argument validation meets NaN parameters
+        return loss_fn(flow, theta, x)
+    except ValueError as err:  # argument validation (Pyro's, torch's) meets NaN parameters
         log.debug("invalid log_prob arguments: %s", err)
         return torch.tensor(float("nan"))
 

@@ -9,7 +9,7 @@ from physppl.models.beam import KnifeEdgeBeamModel
 
 from .api import infer_beam
 from .data import BeamDataSource
-from .parts import PLANS
+from .parts import BEAM_ESTIMATOR, PLANS
 
 __all__ = ["register"]
 
@@ -21,5 +21,6 @@ def register(cs: ConfigStore, problem_node) -> None:
     cs.store(group="model", name="beam", node=Preset(KnifeEdgeBeamModel).config())
     cs.store(group="guide", name="beam_flow", node=Preset(knife_edge_flow, partial=True,
                                                           exclude=("low", "high", "positions", "fast")).config())
+    cs.store(group="guide", name="beam_estimator", node=BEAM_ESTIMATOR.config())
     for name, preset in PLANS.items():
         cs.store(group="inference", name=name, node=preset.config())

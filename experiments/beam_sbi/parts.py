@@ -5,13 +5,14 @@ from typing import Any
 
 from pyro.infer import Trace_ELBO
 
+from physppl.guides.beam import knife_edge_estimator
 from physppl.inference.fit import ProtocolError
 from physppl.inference.npe import NPETrainer, SBIPlan, VariationalFocus
 from physppl.inference.optim import ClippedAdam
 from physppl.inference.presets import Preset, resolve_named
 from physppl.inference.svi import SVIEngine
 
-__all__ = ["PLANS", "NPE_TRAINER", "FOCUS", "resolve_plan"]
+__all__ = ["PLANS", "NPE_TRAINER", "FOCUS", "BEAM_ESTIMATOR", "resolve_plan"]
 
 # the amortized flow's training on the beam's simulations (measured on 10^4 simulations: the held-out loss stops
 # improving within 60 epochs at this rate and decay)
@@ -20,6 +21,9 @@ NPE_TRAINER = Preset(NPETrainer, lr=1e-3, batch_size=256, max_epochs=60, patienc
 # each scan's posterior refitted against the likelihood, started from the amortized draws
 FOCUS = Preset(VariationalFocus, steps=600, particles=128, lr=0.01, final_lr_fraction=0.05, inflate=1.5,
                n_transforms=1, hidden_dims=(32, 32))
+# the amortized estimator on the engine's zuko NSF (experiments/benchmarks/beam_sbi.py compares it with sbi and with
+# the Pyro flow of guide=beam_flow)
+BEAM_ESTIMATOR = Preset(knife_edge_estimator, partial=True, exclude=("low", "high", "positions", "fast"))
 PLANS: dict[str, Preset] = {
     "npe": Preset(SBIPlan, amortized=NPE_TRAINER, focus=FOCUS),             # amortized, then a per-scan focus
     "npe_amortized": Preset(SBIPlan, amortized=NPE_TRAINER, focus=None),    # one network for every scan

@@ -1,12 +1,19 @@
-"""Benchmark: amortized neural posterior estimation of beam parameters, physppl against the sbi package.
+"""Benchmark: amortized posteriors of beam parameters, physppl against the sbi package, with SBC.
 
-Both tools train on the same cached simulations (10^3, 10^4, 10^5 by default) of the reference knife-edge
+Every tool trains on the same cached simulations (10^3, 10^4, 10^5 by default) of the reference knife-edge
 surrogate, in one run, one torch thread each, one after the other; each posterior is scored on the same fixed
-observations by C2ST against exact reference draws (validated against NUTS, see the README). physppl's
-default job (per-scan variational focus) is scored on the same observations for comparison.
+scans by C2ST against exact reference draws (validated against NUTS, see the README), and calibrated by SBC over
+the same fresh prior draws (ranks of the truth among 100 posterior draws; KS test per parameter).
 
-    python experiments/benchmarks/beam_sbi.py                      # table for physppl and sbi (if installed)
-    python experiments/benchmarks/beam_sbi.py --budgets 1000 10000 --no-focus
+* ``sbi``: sbi's NPE with its default NSF and training settings (z-scored raw scans);
+* ``physppl``: physppl's best amortized estimator, ``guide=beam_estimator`` (zuko NSF on the logit of the prior
+  box, conditioned on physics summaries of the scans; ``physppl.guides.beam.knife_edge_estimator``), trained
+  with the engine's default trainer;
+* ``pyro``: physppl's earlier Pyro flow (``guide=beam_flow``, ``inference=npe_amortized``);
+* ``job``: the default job at 10^4 (amortized, then a per-scan variational fit against the likelihood).
+
+    python experiments/benchmarks/beam_sbi.py                      # the table, every tool
+    python experiments/benchmarks/beam_sbi.py --budgets 1000 10000 --tools physppl sbi
     pip install -e ".[sbi]"                                          # the comparison's optional dependency
 
 Prints a Markdown table (and writes it with the raw numbers as JSON with --json).
@@ -22,11 +29,12 @@ import numpy as np
 import torch
 
 from physppl.beam_sbi.data import SimulationCache, fixed_observations
-from physppl.beam_sbi.parts import FOCUS, NPE_TRAINER
+from physppl.beam_sbi.parts import BEAM_ESTIMATOR, FOCUS, NPE_TRAINER
 from physppl.beam_sbi.reference import reference_draws
 from physppl.guides.beam import knife_edge_flow
-from physppl.inference.calibration import c2st
-from physppl.models.beam import KnifeEdgeBeamModel
+from physppl.inference.calibration import c2st, rank_uniformity, sbc_ranks
+from physppl.models.beam import PARAM_NAMES, KnifeEdgeBeamModel
+from physppl.simulation_inference.parts import TRAINER
 
 log = logging.getLogger("beam_benchmark")
 
@@ -42,11 +50,23 @@ def _score(sample_fn, x_obs, refs, n):
     return np.array(scores), t_sample / len(refs)
 
 
-def physppl_npe(theta, x, model, max_epochs):
+def _sbc(batch_sample, theta, x, n_draws=100):
+    """Minimum KS p-value over parameters, and all of them, of SBC ranks."""
+    ranks = sbc_ranks(theta, x, batch_sample, n_draws=n_draws)
+    p = rank_uniformity(ranks, n_draws)["ks_p"]
+    return float(p.min()), p
+
+
+def physppl_estimator(theta, x, model):
+    est = BEAM_ESTIMATOR.build()(low=model.low, high=model.high, positions=model.positions)
+    res = TRAINER.build(progress=False).fit(est, theta, x)
+    return (lambda xo, n: est.sample(xo, n)), (lambda xb, n: est.sample(xb, n)), res.wall_time, f"{res.epochs} epochs", est
+
+
+def pyro_flow(theta, x, model, max_epochs=60):
     flow = knife_edge_flow(low=model.low, high=model.high, positions=model.positions)
-    # the job's trainer (physppl.beam_sbi.parts.NPE_TRAINER: early stopping, decay) with this epoch budget
     res = NPE_TRAINER.build(max_epochs=max_epochs, progress=False).fit(flow, theta, x)
-    return (lambda xo, n: flow.sample(xo, n).numpy()), res.wall_time, f"{res.epochs} epochs"
+    return (lambda xo, n: flow.sample(xo, n)), (lambda xb, n: flow.sample(xb, n)), res.wall_time, f"{res.epochs} epochs", flow
 
 
 def sbi_npe(theta, x, model):
@@ -64,9 +84,14 @@ def sbi_npe(theta, x, model):
     def sample(xo, n):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return posterior.sample((n,), x=xo, show_progress_bars=False).numpy()
+            return posterior.sample((n,), x=xo, show_progress_bars=False)
 
-    return sample, wall, f"{inference._summary['epochs_trained'][-1]} epochs"
+    def batch(xb, n):  # (n, batch, D), as sbc_ranks wants
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return posterior.sample_batched((n,), x=xb, show_progress_bars=False)
+
+    return sample, batch, wall, f"{inference._summary['epochs_trained'][-1]} epochs", None
 
 
 def main() -> None:
@@ -74,12 +99,12 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[1000, 10_000, 100_000])
     ap.add_argument("--n-obs", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5000, help="posterior and reference draws per observation for C2ST")
-    ap.add_argument("--max-epochs", type=int, default=60, help="physppl NPE epoch budget (early stopping as in the job)")
-    ap.add_argument("--tools", nargs="+", default=["physppl", "sbi"], choices=["physppl", "sbi"])
-    ap.add_argument("--no-focus", action="store_true", help="skip physppl's per-scan variational focus row")
+    ap.add_argument("--sbc", type=int, default=500, help="prior draws for SBC (0 skips)")
+    ap.add_argument("--tools", nargs="+", default=["physppl", "sbi", "pyro", "job"],
+                    choices=["physppl", "sbi", "pyro", "job"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--json", default=None, help="also write the results here (after every row)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -89,57 +114,73 @@ def main() -> None:
     t0 = time.perf_counter()
     refs = [reference_draws(model, x_obs[k], 10_000, cache_dir=cache.directory)[0] for k in range(args.n_obs)]
     log.info("reference draws for %d observations in %.1f s", args.n_obs, time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(987_654)
+    sbc_theta = model.sample_prior(args.sbc, gen) if args.sbc else None
+    sbc_x = model.simulate(sbc_theta, gen) if args.sbc else None
+    trainers = {"physppl": ("physppl", "NPE, zuko NSF on physics summaries (guide=beam_estimator)", physppl_estimator),
+                "sbi": ("sbi", "NPE, sbi's default NSF", sbi_npe),
+                "pyro": ("physppl", "NPE, Pyro flow (guide=beam_flow)", pyro_flow)}
     rows = []
+
+    def add(row):
+        rows.append(row)
+        log.info("%s / %s %d: C2ST %.3f (%.3f-%.3f), training %.1f s, SBC KS p min %s", row["tool"], row["method"],
+                 row["simulations"], row["c2st_mean"], row["c2st_min"], row["c2st_max"], row["train_s"], row["sbc_p_min"])
+        if args.json:
+            from physppl.inference.outputs import write_json
+
+            write_json(args.json, {"rows": rows, "args": vars(args)})
+
     for budget in args.budgets:
         theta, x = cache.training_set(model, budget, seed=args.seed)
-        for tool in args.tools:
+        for name in [t for t in args.tools if t in trainers]:
+            tool, method, train = trainers[name]
             torch.manual_seed(args.seed)
-            if tool == "sbi":
-                try:
-                    sample, wall, note = sbi_npe(theta, x, model)
-                except ImportError:
-                    log.warning("sbi is not installed (pip install -e '.[sbi]'): skipping it")
-                    continue
-            else:
-                sample, wall, note = physppl_npe(theta, x, model, args.max_epochs)
+            try:
+                sample, batch, wall, note, _ = train(theta, x, model)
+            except ImportError:
+                log.warning("sbi is not installed (pip install -e '.[sbi]'): skipping it")
+                continue
             scores, t_sample = _score(sample, x_obs, refs, args.draws)
-            rows.append({"tool": tool, "method": "NPE (amortized)", "simulations": budget, "train_s": wall,
-                         "c2st_mean": float(scores.mean()), "c2st_min": float(scores.min()),
-                         "c2st_max": float(scores.max()), "sample_s": t_sample, "note": note,
-                         "c2st": scores.tolist()})
-            log.info("%s %d: C2ST %.3f (%.3f-%.3f), training %.1f s", tool, budget, scores.mean(), scores.min(),
-                     scores.max(), wall)
-        if not args.no_focus and "physppl" in args.tools and budget == args.budgets[0]:
+            p_min, p = _sbc(batch, sbc_theta, sbc_x) if args.sbc else (None, None)
+            add({"tool": tool, "method": method, "simulations": budget, "train_s": wall,
+                 "c2st_mean": float(scores.mean()), "c2st_min": float(scores.min()), "c2st_max": float(scores.max()),
+                 "sample_s": t_sample, "note": note, "c2st": scores.tolist(), "sbc_p_min": p_min,
+                 "sbc_p": None if p is None else dict(zip(PARAM_NAMES, p.tolist()))})
+        if "job" in args.tools and budget == 10_000:
             # the default job: amortized draws start a per-scan variational fit against the likelihood
-            flow_sample, wall, _ = physppl_npe(*cache.training_set(model, 10_000, seed=args.seed), model, args.max_epochs)
-            focus = FOCUS.build(progress=False)  # the default job's per-scan fit
+            torch.manual_seed(args.seed)
+            _, _, wall, _, est = physppl_estimator(theta, x, model)
+            focus = FOCUS.build(progress=False)
             fits, t_fit = [], 0.0
             for k in range(args.n_obs):
                 t1 = time.perf_counter()
                 q, _ = focus.fit(lambda th: model.log_likelihood(th, x_obs[k]), model.low, model.high,
-                                 torch.as_tensor(flow_sample(x_obs[k], 4000)))
+                                 est.sample(x_obs[k], 4000))
                 t_fit += time.perf_counter() - t1
                 fits.append(q)
-            scores, t_sample = _score(lambda xo, n: fits[[torch.equal(xo, v) for v in x_obs].index(True)].sample(n).numpy(),
+            scores, t_sample = _score(lambda xo, n: fits[[torch.equal(xo, v) for v in x_obs].index(True)].sample(n),
                                       x_obs, refs, args.draws)
-            rows.append({"tool": "physppl", "method": "NPE 10^4 + variational focus (default job)", "simulations": 10_000,
-                         "train_s": wall + t_fit, "c2st_mean": float(scores.mean()), "c2st_min": float(scores.min()),
-                         "c2st_max": float(scores.max()), "sample_s": t_sample,
-                         "note": f"focus {t_fit / args.n_obs:.1f} s per scan", "c2st": scores.tolist()})
-    base = {(r["simulations"]): r for r in rows if r["tool"] == "sbi"}
-    print(f"\nC2ST against exact reference draws ({args.n_obs} observations, {args.draws} draws; 0.5 = exact), "
-          f"{args.threads} torch thread(s)\n")
-    print("| tool | method | simulations | C2ST mean | C2ST range | training s | time / sbi | draws/obs s | note |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            add({"tool": "physppl", "method": "default job: NPE + per-scan variational focus", "simulations": budget,
+                 "train_s": wall + t_fit, "c2st_mean": float(scores.mean()), "c2st_min": float(scores.min()),
+                 "c2st_max": float(scores.max()), "sample_s": t_sample, "sbc_p_min": None, "sbc_p": None,
+                 "note": f"focus {t_fit / args.n_obs:.1f} s per scan", "c2st": scores.tolist()})
+    print_table(rows, args)
+
+
+def print_table(rows, args) -> None:
+    base = {r["simulations"]: r for r in rows if r["tool"] == "sbi"}
+    print(f"\nC2ST against exact reference draws ({args.n_obs} scans, {args.draws} draws; 0.5 = exact); SBC over "
+          f"{args.sbc} prior draws (KS p, min over the 7 parameters; < 0.01 fails); {args.threads} torch thread(s)\n")
+    print("| tool | method | simulations | C2ST mean | C2ST range | SBC KS p min | training s | time / sbi | "
+          "draws/obs s | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = base.get(r["simulations"])
-        ratio = f"{r['train_s'] / ref['train_s']:.2f}" if ref and r["tool"] != "sbi" else ("1" if r["tool"] == "sbi" else "-")
+        ratio = "1" if r["tool"] == "sbi" else (f"{r['train_s'] / ref['train_s']:.2f}" if ref else "-")
+        sbc = "-" if r["sbc_p_min"] is None else f"{r['sbc_p_min']:.3g}"
         print(f"| {r['tool']} | {r['method']} | {r['simulations']:,} | {r['c2st_mean']:.3f} | {r['c2st_min']:.3f}-"
-              f"{r['c2st_max']:.3f} | {r['train_s']:.1f} | {ratio} | {r['sample_s']:.3f} | {r['note']} |")
-    if args.json:
-        from physppl.inference.outputs import write_json
-
-        write_json(args.json, {"rows": rows, "args": vars(args)})
+              f"{r['c2st_max']:.3f} | {sbc} | {r['train_s']:.1f} | {ratio} | {r['sample_s']:.3f} | {r['note']} |")
 
 
 if __name__ == "__main__":

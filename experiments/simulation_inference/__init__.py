@@ -1,0 +1,1 @@
+"""Simulation-based inference for any simulator: ``physppl.infer_sbi``."""
