@@ -189,6 +189,12 @@ class ConditionalBoxFlow(nn.Module):
             ctx = ctx.expand((n,) + ctx.shape)
             return self.distribution_from_context(ctx).sample()
 
+    def sample_and_log_prob(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draws (n, *batch, D) and their ``log q`` (the density direction: one pass), without gradients."""
+        theta = self.sample(x, n)
+        with torch.no_grad():
+            return theta, self.log_prob(theta, x)
+
     def rsample_and_log_prob(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised draws (n, *batch, D) and their log densities (n, *batch), for variational fits.
 

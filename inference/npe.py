@@ -501,6 +501,10 @@ class SBIPlan:
         Where the truncated proposal's box is placed (see :func:`truncation_box`).
     focus : VariationalFocus, optional
         Finally fit each observation's posterior by VI against the likelihood, started from the flow's draws.
+    refinement : ImportanceRefinement, optional
+        Importance sampling against the likelihood with the focused fit and the amortized flow as candidate
+        proposals (:func:`~physppl.inference.refine.refine`): the better diagnosed one (Pareto k, ESS) gives the
+        draws, with a WARNING when neither passes. None: the focused fit's (or the flow's) own draws.
     """
 
     amortized: NPETrainer
@@ -511,6 +515,7 @@ class SBIPlan:
     truncation_quantile: float = 1e-3
     truncation_expand: float = 0.5
     focus: VariationalFocus | None = None
+    refinement: object | None = None  # an ImportanceRefinement (refine.py imports this module: no annotation)
 
     def __post_init__(self):
         if self.objective not in ("npe", "vi"):

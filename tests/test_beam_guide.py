@@ -127,3 +127,43 @@ def test_log_density_of_draws_stays_finite_when_the_sigmoid_saturates():
     pyro.clear_param_store()
     loss = Trace_ELBO().differentiable_loss(model, guide, x=x[:8])
     assert torch.isfinite(loss)
+
+
+def test_knife_edge_fit_features_recover_the_beam_with_calibrated_errors():
+    """The per-scan maximum-likelihood features: centre and width within their own standard errors of the truth."""
+    from physppl.guides.beam import KnifeEdgeFit
+
+    model = KnifeEdgeBeamModel()
+    gen = torch.Generator().manual_seed(3)
+    theta = model.sample_prior(1000, gen)
+    feats = KnifeEdgeFit(model.positions, include_raw=False)(model.simulate(theta, gen))
+    assert feats.shape == (1000, 12) and bool(torch.isfinite(feats).all())
+    # columns per axis (x, y): mu, log sig, log F, then their log standard errors
+    for axis in (0, 1):
+        mu, log_sig, se_mu = feats[:, 3 * axis], feats[:, 3 * axis + 1], feats[:, 6 + 3 * axis].exp()
+        z = (mu - theta[:, axis]) / se_mu
+        assert float(z.std()) == pytest.approx(1.0, abs=0.1)  # the Gauss-Newton errors are the real ones
+        assert float((log_sig.exp() - theta[:, 2 + axis]).abs().median()) < 0.01  # mm; prior width 0.5 mm
+    flux = feats[:, 2].exp()
+    assert float(((flux - theta[:, 5]) / theta[:, 5]).abs().median()) < 0.02
+
+
+def test_an_estimator_on_fixed_features_trains_on_them_once_and_scores_raw_scans():
+    """NPETrainer computes costly fixed features once and trains the same parameters the raw-scan
+    estimator uses: after training, log q from raw scans is the trained density."""
+    from physppl.guides.beam import knife_edge_estimator
+    from physppl.inference.npe import NPETrainer
+
+    model = KnifeEdgeBeamModel()
+    gen = torch.Generator().manual_seed(0)
+    theta = model.sample_prior(600, gen)
+    x = model.simulate(theta, gen)
+    est = knife_edge_estimator(low=model.low, high=model.high, positions=model.positions, transforms=1, hidden=(16,))
+    calls = []
+    est.features.register_forward_hook(lambda *a: calls.append(1))
+    res = NPETrainer(max_epochs=3, batch_size=100, progress=False).fit(est, theta, x)
+    assert len(calls) == 1  # one featurisation of the 600 scans, not one per minibatch
+    with torch.no_grad():
+        nll = -est.log_prob(theta[:50], x[:50]).mean()
+    assert bool(torch.isfinite(nll)) and res.epochs == 3
+    assert est.sample(x[0], 10).shape == (10, 7)

@@ -68,7 +68,7 @@ def _files(directory: Path) -> set[str]:
 
 def test_default_job_writes_every_output(tmp_path):
     metrics, out = _run(tmp_path, [])
-    for f in ("posterior.nc", "posterior.pt", "metrics.json", "calibration.json", "summary.csv", "pair_obs0.png",
+    for f in ("posterior.nc", "posterior.pt", "metrics.json", "calibration.json", "summary.csv", "pair_obs0.png", "expected_coverage.png",
               "predictive_obs0.png", "sbc_ranks.png", "coverage.png", "training.png", "losses.csv", "npe_checkpoint.pt"):
         assert (out / f).is_file(), f
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
@@ -76,7 +76,7 @@ def test_default_job_writes_every_output(tmp_path):
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("n_obs", "train_time", "infer_time", "coverage90_truth", "sbc_ks_p_min", "sample_1000_ms", "z_error_mu_x"):
         assert saved.get(key) is not None, key
-    assert "focus_pareto_k_max" in saved  # null (JSON for NaN) when the tiny fit is far off
+    assert "focus_pareto_k_worst" in saved and "refine_pareto_k_max" in saved  # null (JSON for NaN) when far off
     idata = az.from_netcdf(out / "posterior.nc")
     for name in PARAM_NAMES:
         assert idata.posterior[name].dims == ("chain", "draw", "obs") and idata.posterior[name].shape == (1, 300, 2)

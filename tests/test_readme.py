@@ -23,6 +23,8 @@ from physppl.inverse_ising.data import SimulatedSpins
 from physppl.rbm import api as rbm_api
 from physppl.rbm import parts as rbm_parts
 from physppl.rbm import thermodynamics as rbm_thermo
+from physppl.simulation_inference import api as sbi_api
+from physppl.simulation_inference import parts as sbi_parts
 from physppl.vae import api as vae_api
 from xtal_tools import write_laue_pair, write_toy_models
 
@@ -47,6 +49,12 @@ def small_budgets(monkeypatch, tmp_path):
     monkeypatch.setitem(beam_api.infer_beam.__kwdefaults__, "n_draws", 300)
     monkeypatch.setitem(beam_api.infer_beam.__kwdefaults__, "evaluate",
                         beam_api.Evaluation(reference=False, sbc=20, sbc_draws=20, plots=1, predictive_draws=20))
+    for key, value in (("max_epochs", 2), ("progress", False)):
+        monkeypatch.setitem(sbi_parts.TRAINER.kwargs, key, value)
+    for key, value in (("n_proposal", 2000), ("mcmc_steps", 2)):
+        monkeypatch.setitem(sbi_parts.REFINE.kwargs, key, value)
+    monkeypatch.setitem(sbi_api.infer_sbi.__kwdefaults__, "n_draws", 300)
+    monkeypatch.setitem(sbi_api.infer_sbi.__kwdefaults__, "evaluate", sbi_api.Calibration(sbc=20, sbc_draws=10, plots=0))
     small_training = dict(epochs=2)
     small_evaluation = dict(iwae_particles=20, max_points=40, gap_points=0, posterior_batch=8)
     monkeypatch.setitem(vae_api.train_vae.__kwdefaults__, "training", vae_api.Training(**small_training))
@@ -96,7 +104,7 @@ def user_files(tmp_path, small_sim):
 
 def test_readme_has_a_python_snippet_for_every_problem():
     text = "\n".join(SNIPPETS)
-    for call in ("physppl.merge(", "physppl.weigh_frames(", "physppl.infer_beam(", "physppl.train_vae(",
+    for call in ("physppl.merge(", "physppl.weigh_frames(", "physppl.infer_beam(", "physppl.infer_sbi(", "physppl.train_vae(",
                  "physppl.train_rbm(", "physppl.rbm_thermodynamics(", "physppl.infer_couplings(",
                  "physppl.fit(", "physppl.to_inference_data("):
         assert call in text, call

@@ -282,3 +282,16 @@ def test_command_line_runs_a_users_simulator_class_on_an_observed_file(tmp_path)
     assert metrics["problem"] == "sbi" and metrics["n_obs"] == 2 and metrics["estimator"] == "nsf"  # the file's
     assert metrics["likelihood"] is True and metrics["refinement"] is False
     assert (tmp_path / "cli" / "posterior.nc").is_file() and metrics["c2st_mean"] is not None
+
+
+def test_embeddings_shape_the_context():
+    """The learned embeddings map (batches of) scans to the flow's context, per axis for the convolutions."""
+    from physppl.inference.estimators import Conv1dEmbedding
+
+    prior = D.Independent(D.Uniform(-torch.ones(3), torch.ones(3)), 1)
+    for embedding in ("mlp", "conv1d"):
+        est = build_estimator(prior, 40, embedding=embedding, embedding_dim=8, n_axes=2, transforms=1, hidden=(8,))
+        assert est.context(torch.randn(5, 40)).shape == (5, 8)
+        assert est.sample(torch.randn(40), 4).shape == (4, 3) and est.sample(torch.randn(6, 40), 4).shape == (4, 6, 3)
+    with pytest.raises(ValueError, match="do not split into 3 axes"):
+        Conv1dEmbedding(40, n_axes=3)

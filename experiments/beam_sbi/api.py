@@ -34,6 +34,7 @@ from physppl.inference.convert import summarize, to_inference_data
 from physppl.inference.fit import Fit
 from physppl.inference.npe import AmortizedPosterior, SBIPlan, TruncatedSequentialNPE
 from physppl.inference.outputs import write_json
+from physppl.inference.refine import ConditionedEstimator, refine
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.beam import PARAM_NAMES, PARAM_UNITS, KnifeEdgeBeamModel
 
@@ -127,11 +128,24 @@ def infer_observation(plan: SBIPlan, posterior: AmortizedPosterior, make_flow, m
         flow, record = snpe.run(x_obs, lambda th: model.simulate(th), model.low, model.high, theta=theta, x=x,
                                 flow=flow, workdir=workdir)
         info.update(rounds=plan.rounds, round_simulations=record["simulations"], round_boxes=record["boxes"][-1])
+    loglik = lambda th: model.log_likelihood(th, x_obs)  # noqa: E731
+    proposals: dict = {}
     if plan.focus is not None:
         init = flow.sample(x_obs, 4000)
-        q, res = plan.focus.fit(lambda th: model.log_likelihood(th, x_obs), model.low, model.high, init, desc=label)
-        draws = q.sample(n_draws)
+        q, res = plan.focus.fit(loglik, model.low, model.high, init, desc=label)
+        proposals["variational"] = q
         info.update(focus_pareto_k=res.pareto_k, focus_ess=res.ess_fraction, focus_losses=res.losses)
+    if plan.refinement is not None:
+        # the focused fit and the amortized flow compete as importance proposals; the diagnostics choose
+        proposals["network"] = ConditionedEstimator(flow, x_obs)
+        out = refine(proposals, loglik, model.prior(), n_draws, plan.refinement)
+        draws = out.draws
+        info.update(refined_with=out.method, refine_pareto_k=out.pareto_k, refine_ess=out.ess,
+                    refine_reliable=out.reliable, refine_candidates=out.candidates)
+        if out.warning:
+            info["refine_warning"] = out.warning
+    elif "variational" in proposals:
+        draws = proposals["variational"].sample(n_draws)
     else:
         draws = flow.sample(x_obs, n_draws)
     info["time"] = time.perf_counter() - t0
@@ -227,8 +241,15 @@ def infer_beam(
         draws_t = torch.stack(draws)  # (n_obs, n_draws, 7)
         metrics["infer_time"] = float(sum(i["time"] for i in infos))
         if plan.focus is not None:
-            metrics["focus_pareto_k_max"] = float(max(i["focus_pareto_k"] for i in infos))
+            # with refinement the refined draws are what the job returns, so their diagnostics decide reliability
+            # (a focused fit that failed its check and lost to the network is no warning): a name the check skips
+            key = "focus_pareto_k_max" if plan.refinement is None else "focus_pareto_k_worst"
+            metrics[key] = float(max(i["focus_pareto_k"] for i in infos))
             metrics["focus_ess_min"] = float(min(i["focus_ess"] for i in infos))
+        if plan.refinement is not None:
+            metrics["refine_pareto_k_max"] = float(max(i["refine_pareto_k"] for i in infos))
+            metrics["refine_ess_min"] = float(min(i["refine_ess"] for i in infos))
+            metrics["refined_with"] = sorted({i["refined_with"] for i in infos})
 
         with torch.no_grad():
             m = min(int(ev.predictive_draws), n_draws)
@@ -277,6 +298,8 @@ def infer_beam(
             if sbc is not None:
                 plots.plot_sbc(sbc["ranks"], int(ev.sbc_draws), PARAM_NAMES, out / "sbc_ranks.png", ks_p=sbc["ks_p"])
                 plots.plot_coverage(sbc["coverage"], PARAM_NAMES, out / "coverage.png", int(ev.sbc))
+                plots.plot_expected_coverage(sbc["hpd"]["levels"], sbc["hpd"]["empirical"], int(ev.sbc),
+                                             out / "expected_coverage.png")
             plots.plot_training(train, val, out / "training.png", focus_losses or None)
 
         # training.png holds the loss curves (NPE per epoch, held out, and each focused fit): no generic loss.png
@@ -320,7 +343,7 @@ def _reference_checks(ev: Evaluation, source, sim, observed, draws_t, n_draws, p
 
 def _sbc(posterior: AmortizedPosterior, model: KnifeEdgeBeamModel, n: int, n_draws: int, calibration: dict) -> dict:
     """SBC and coverage of the amortized posterior over ``n`` prior draws (their own seed, not the training set's)."""
-    from physppl.inference.calibration import coverage, rank_uniformity, sbc_ranks
+    from physppl.inference.calibration import coverage, expected_coverage, rank_uniformity, sbc_ranks
     gen = torch.Generator().manual_seed(987_654)
     theta = model.sample_prior(n, gen)
     x = model.simulate(theta, gen)
@@ -330,11 +353,16 @@ def _sbc(posterior: AmortizedPosterior, model: KnifeEdgeBeamModel, n: int, n_dra
     with torch.no_grad():
         d = torch.cat([posterior.flow.sample(x[s:s + 100], 200) for s in range(0, n, 100)], dim=1)
     cov = coverage(d, theta)
+    flow = posterior.flow
+    hpd = expected_coverage(theta, x, lambda xb, m: flow.sample_and_log_prob(xb, m),
+                            lambda tb, xb: flow.log_prob(tb, xb), n_draws=n_draws)
     calibration["sbc"] = {"n": n, "n_draws": n_draws, "ks_p": dict(zip(PARAM_NAMES, tests["ks_p"])),
-                          "chi2_p": dict(zip(PARAM_NAMES, tests["chi2_p"])), "time": time.perf_counter() - t0}
+                          "chi2_p": dict(zip(PARAM_NAMES, tests["chi2_p"])), "time": time.perf_counter() - t0,
+                          "expected_coverage": {"levels": hpd["levels"].tolist(), "empirical": hpd["empirical"].tolist()}}
     calibration["sbc_coverage"] = {str(lv): dict(zip(PARAM_NAMES, v)) for lv, v in cov.items()}
-    return {"ranks": ranks, "ks_p": tests["ks_p"], "coverage": cov,
-            "metrics": {"sbc_ks_p_min": float(tests["ks_p"].min()), "sbc_coverage90_mean": float(cov[0.9].mean())}}
+    return {"ranks": ranks, "ks_p": tests["ks_p"], "coverage": cov, "hpd": hpd,
+            "metrics": {"sbc_ks_p_min": float(tests["ks_p"].min()), "sbc_coverage90_mean": float(cov[0.9].mean()),
+                        "hpd_coverage_error_max": float(np.abs(hpd["empirical"] - hpd["levels"]).max())}}
 
 
 def task(cfg: DictConfig, workdir: str | os.PathLike) -> BeamResult:

@@ -6,9 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from physppl.inference.plots import plot_coverage, plot_pair, plot_sbc, plt, save_figure  # noqa: F401 (re-exported)
+from physppl.inference.plots import plot_coverage, plot_expected_coverage, plot_pair, plot_sbc, plt, save_figure  # noqa: F401,E501 (re-exported)
 
-__all__ = ["plot_pair", "plot_predictive", "plot_sbc", "plot_coverage", "plot_training"]
+__all__ = ["plot_pair", "plot_predictive", "plot_sbc", "plot_coverage", "plot_expected_coverage", "plot_training"]
 
 
 def plot_predictive(x_obs: np.ndarray, predictive: np.ndarray, positions: np.ndarray, path: Path,

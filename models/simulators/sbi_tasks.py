@@ -145,7 +145,9 @@ class SLCP(_Task):
         return points.movedim(0, -2).reshape(theta.shape[:-1] + (8,))
 
     def log_likelihood(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        points = x.reshape(x.shape[:-1] + (4, 2)).movedim(-2, 0)  # (4, ..., 2)
+        points = x.reshape(x.shape[:-1] + (4, 2)).movedim(-2, 0)  # (4, *x_batch, 2)
+        # one observation against a batch of parameters: the points broadcast over the parameters' batch
+        points = points.reshape((4,) + (1,) * max(0, theta.dim() - x.dim()) + points.shape[1:])
         return self._gaussian(theta).log_prob(points).sum(0)
 
 
