@@ -222,14 +222,21 @@ class PosteriorEstimator(nn.Module):
     transforms, hidden, bins, clamp : int, sequence of int, int, float
         Number of transforms (coupling blocks for the cINN), hidden sizes of each conditioner, spline bins
         (NSF), soft clamp of the cINN's log-scales.
+    box : {"logit", "truncate"}
+        For a box prior: model the logit of the parameters (every draw inside, ``log_prob`` normalised), or the
+        z-scored parameters themselves with draws outside the box rejected (sbi's way; ``log_prob`` is then the
+        untruncated density inside the box, short of a normaliser that depends on ``x``; ``acceptance`` holds the
+        last sampling's acceptance rate). Other supports always use their bijection.
     """
 
     def __init__(self, prior, x_dim: int, kind: str = "nsf", features: nn.Module | None = None,
                  embedding: nn.Module | None = None, transforms: int = 5, hidden: Sequence[int] = (64, 64),
-                 bins: int = 8, clamp: float = 2.0):
+                 bins: int = 8, clamp: float = 2.0, box: str = "logit"):
         super().__init__()
         if kind not in ESTIMATORS:
             raise ValueError(f"PosteriorEstimator: kind must be one of {', '.join(ESTIMATORS)}, got {kind!r}")
+        if box not in ("logit", "truncate"):
+            raise ValueError(f"PosteriorEstimator: box must be 'logit' or 'truncate', got {box!r}")
         self.prior: Prior = as_prior(prior)
         self.kind = kind
         self.dim = self.prior.dim
@@ -243,7 +250,14 @@ class PosteriorEstimator(nn.Module):
             self.core = ConditionalINN(self.dim, ctx, transforms=transforms, hidden=hidden, clamp=clamp)
         else:
             self.core = _ZukoCore(kind, self.dim, ctx, transforms, hidden, bins)
-        self._transform = self.prior.transform()
+        self.truncate = box == "truncate" and self.prior.low is not None
+        self.acceptance = 1.0
+        self._transform = self._support_transform()
+
+    def _support_transform(self):
+        from torch.distributions.transforms import IndependentTransform, identity_transform
+
+        return IndependentTransform(identity_transform, 1) if self.truncate else self.prior.transform()
 
     # pickling (posterior.pt) keeps the prior's distributions; the transform is rebuilt from them
     def __getstate__(self):
@@ -253,7 +267,7 @@ class PosteriorEstimator(nn.Module):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._transform = self.prior.transform()
+        self._transform = self._support_transform()
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -279,7 +293,7 @@ class PosteriorEstimator(nn.Module):
 
     def _off_faces(self, theta: torch.Tensor) -> torch.Tensor:
         """A box prior's draws can land on a face in float32, where the logit is infinite: move them a hair in."""
-        if self.prior.low is None:
+        if self.prior.low is None or self.truncate:
             return theta
         low, high = self.prior.low.to(theta), self.prior.high.to(theta)
         eps = 1e-6 * (high - low)
@@ -304,21 +318,47 @@ class PosteriorEstimator(nn.Module):
         prior's support."""
         return self.log_prob_from_context(theta, self.context(x))
 
+    def _sample_from_context(self, ctx: torch.Tensor, n: int, max_rounds: int = 200) -> torch.Tensor:
+        theta = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+        if not self.truncate:
+            return theta
+        # rejection: redraw the entries outside the box (each observation keeps its own draws)
+        drawn, outside = theta[..., 0].numel(), ~self.prior.in_support(theta)
+        for _ in range(max_rounds):
+            if not bool(outside.any()):
+                break
+            fresh = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+            theta = torch.where(outside.unsqueeze(-1), fresh, theta)
+            drawn += int(outside.sum())
+            outside = ~self.prior.in_support(theta)
+        if bool(outside.any()):
+            raise RuntimeError(f"PosteriorEstimator: fewer than 1 in {max_rounds} draws fall inside the prior box; "
+                               "use box='logit'")
+        self.acceptance = theta[..., 0].numel() / drawn
+        return theta
+
+    def log_normalizer(self, x: torch.Tensor, n: int = 20_000) -> float:
+        """``log`` of the mass the untruncated density puts inside the box at one ``x`` (0 unless ``truncate``):
+        subtract it from ``log_prob`` for the density the rejection sampler draws from."""
+        if not self.truncate:
+            return 0.0
+        with torch.no_grad():
+            ctx = self.context(x)
+            theta = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+            inside = float(self.prior.in_support(theta).double().mean())
+        return math.log(max(inside, 1.0 / n))
+
     def sample_and_log_prob(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws (n, D) for one ``x`` or (n, batch, D), with their ``log q`` (one more density pass)."""
         with torch.no_grad():
             ctx = self.context(x)
-            v = self.core.sample(ctx, n)
-            u = self.u_norm.loc + self.u_norm.scale * v
-            theta = self._transform(u)
+            theta = self._sample_from_context(ctx, n)
             return theta, self.log_prob_from_context(theta, ctx)
 
     def sample(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """``n`` draws for each observation: (n, D) for one ``x``, else (n, *batch, D); all in the support."""
         with torch.no_grad():
-            ctx = self.context(x)
-            u = self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n)
-            return self._transform(u)
+            return self._sample_from_context(self.context(x), n)
 
 
 class _OnFeatures(nn.Module):
@@ -341,7 +381,8 @@ class _OnFeatures(nn.Module):
 def build_estimator(prior, x_dim: int, kind: str = "nsf", embedding: str | nn.Module | None = None,
                     features: nn.Module | None = None, embedding_dim: int = 32,
                     embedding_hidden: Sequence[int] = (128,), n_axes: int = 1, transforms: int = 5,
-                    hidden: Sequence[int] = (64, 64), bins: int = 8, clamp: float = 2.0) -> PosteriorEstimator:
+                    hidden: Sequence[int] = (64, 64), bins: int = 8, clamp: float = 2.0,
+                    box: str = "logit") -> PosteriorEstimator:
     """A :class:`PosteriorEstimator` from names: ``embedding`` is ``None``/``"none"``, ``"mlp"``, ``"conv1d"``
     (``n_axes`` scans concatenated) or a module."""
     feat_dim = int(getattr(features, "out_dim", x_dim)) if features is not None else int(x_dim)
@@ -356,4 +397,4 @@ def build_estimator(prior, x_dim: int, kind: str = "nsf", embedding: str | nn.Mo
     else:
         raise ValueError(f"build_estimator: embedding must be none, mlp, conv1d or a module, got {embedding!r}")
     return PosteriorEstimator(prior, x_dim, kind=kind, features=features, embedding=emb, transforms=transforms,
-                              hidden=hidden, bins=bins, clamp=clamp)
+                              hidden=hidden, bins=bins, clamp=clamp, box=box)

@@ -45,13 +45,18 @@ class ConditionedEstimator:
 
     def __init__(self, estimator, x_obs: torch.Tensor):
         self.estimator, self.x_obs = estimator, x_obs
+        # a rejection-sampled (truncated) estimator draws from log_prob - log(mass inside): the density the
+        # importance weights need
+        norm = getattr(estimator, "log_normalizer", None)
+        self.log_norm = float(norm(x_obs)) if norm is not None else 0.0
 
     def sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.estimator.sample_and_log_prob(self.x_obs, int(n))
+        theta, log_q = self.estimator.sample_and_log_prob(self.x_obs, int(n))
+        return theta, log_q - self.log_norm
 
     def log_prob(self, theta: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.estimator.log_prob(theta, self.x_obs)
+            return self.estimator.log_prob(theta, self.x_obs) - self.log_norm
 
 
 class _FlowProposal:

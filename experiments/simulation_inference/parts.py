@@ -62,10 +62,12 @@ PLANS: dict[str, Preset] = {
 }
 
 ESTIMATORS: dict[str, Preset] = {
-    # zuko's NSF: 5 transforms of 2 x 64 units, 8 bins (sbi's default shape)
-    "nsf": Preset(build_estimator, partial=True, exclude=("prior", "x_dim"), kind="nsf"),
-    "maf": Preset(build_estimator, partial=True, exclude=("prior", "x_dim"), kind="maf"),
-    # the seed talk's conditional invertible network: 8 coupling blocks of 256 units
+    # zuko's NSF: 5 transforms of 2 x 64 units, 8 bins (sbi's default shape); on a box prior, z-scored parameters
+    # with rejection (two_moons, 10^3 simulations, observations 1-10: C2ST 0.661 against 0.695 on the logit)
+    "nsf": Preset(build_estimator, partial=True, exclude=("prior", "x_dim"), kind="nsf", box="truncate"),
+    "maf": Preset(build_estimator, partial=True, exclude=("prior", "x_dim"), kind="maf", box="truncate"),
+    # the seed talk's conditional invertible network: 8 coupling blocks of 256 units, on the logit of a box (its
+    # draws stay inside the prior's support by construction, as in the talk)
     "cinn": Preset(build_estimator, partial=True, exclude=("prior", "x_dim"), kind="cinn", transforms=8,
                    hidden=(256,)),
 }
