@@ -21,7 +21,8 @@ from physppl.models.beam import DEFAULT_BOUNDS, PARAM_NAMES
 from physppl.inference.estimators import PosteriorEstimator, build_estimator
 from physppl.inference.flows import ConditionalBoxFlow
 
-__all__ = ["KnifeEdgeSummaries", "KnifeEdgeFit", "KnifeEdgeFlowGuide", "knife_edge_flow", "knife_edge_estimator"]
+__all__ = ["KnifeEdgeSummaries", "KnifeEdgeFit", "KnifeEdgePilot", "KnifeEdgeFlowGuide", "knife_edge_flow",
+           "knife_edge_estimator"]
 
 
 class KnifeEdgeSummaries(nn.Module):
@@ -127,6 +128,24 @@ class KnifeEdgeFit(nn.Module):
         return torch.cat([x, feats], dim=-1) if self.include_raw else feats
 
 
+class KnifeEdgePilot(nn.Module):
+    """The beam parameters' first guess from :class:`KnifeEdgeFit`'s features: ``(loc, scale)`` of shape (..., 7)
+    in the order of :data:`~physppl.models.beam.PARAM_NAMES`; the fitted centres, widths and flux (the two axes'
+    average) with their standard errors, NaN for ``rho`` and ``div``, which the scans do not inform."""
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = features[..., -12:]  # the fit's 12 values come last (after the raw scan when it is included)
+        est, se = f[..., :6], f[..., 6:].exp()
+        nan = torch.full_like(est[..., 0], float("nan"))
+        sig_x, sig_y = est[..., 1].exp(), est[..., 4].exp()
+        flux_x, flux_y = est[..., 2].exp(), est[..., 5].exp()
+        flux = 0.5 * (flux_x + flux_y)
+        flux_se = 0.5 * torch.sqrt((flux_x * se[..., 2]) ** 2 + (flux_y * se[..., 5]) ** 2)
+        loc = torch.stack([est[..., 0], est[..., 3], sig_x, sig_y, nan, flux, nan], -1)
+        scale = torch.stack([se[..., 0], se[..., 3], sig_x * se[..., 1], sig_y * se[..., 4], nan, flux_se, nan], -1)
+        return loc, scale
+
+
 def knife_edge_flow(
     low: Sequence[float] | torch.Tensor | None = None,
     high: Sequence[float] | torch.Tensor | None = None,
@@ -170,6 +189,7 @@ def knife_edge_estimator(
     transforms: int = 5,
     hidden: Sequence[int] = (64, 64),
     bins: int = 8,
+    pilot: bool = True,
     fast: str = "density",
 ) -> PosteriorEstimator:
     """A :class:`~physppl.inference.estimators.PosteriorEstimator` (zuko NSF, MAF or the cINN) over the 7 beam
@@ -179,6 +199,8 @@ def knife_edge_estimator(
     ``features``: as in :func:`knife_edge_flow`, or ``"fit"`` / ``"raw+fit"`` (:class:`KnifeEdgeFit`: per-axis
     maximum-likelihood centre, width and flux with their standard errors); ``embedding``: ``"mlp"``, ``"conv1d"``
     (one convolution stack per scan axis; with ``features="raw"``) or ``"none"``.
+    ``pilot``: with the fit's features, the flow models each parameter relative to the fit (:class:`KnifeEdgePilot`)
+    rather than over the whole prior box.
     """
     if fast != "density":
         raise ValueError("knife_edge_estimator trains by NPE; amortized VI (fast='sampling') needs knife_edge_flow")
@@ -193,9 +215,11 @@ def knife_edge_estimator(
     n_pos = 100 if positions is None else len(positions)
     feats = makers[features]()
     prior = dist.Uniform(low.float(), high.float()).to_event(1)
+    use_pilot = bool(pilot) and features in ("fit", "raw+fit")
     return build_estimator(prior, 2 * n_pos, kind=kind, embedding=embedding, features=feats,
                            embedding_dim=embedding_dim, embedding_hidden=embedding_hidden, n_axes=2,
-                           transforms=transforms, hidden=hidden, bins=bins)
+                           transforms=transforms, hidden=hidden, bins=bins,
+                           pilot=KnifeEdgePilot() if use_pilot else None)
 
 
 class KnifeEdgeFlowGuide(PyroModule):

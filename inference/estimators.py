@@ -227,11 +227,18 @@ class PosteriorEstimator(nn.Module):
         z-scored parameters themselves with draws outside the box rejected (sbi's way; ``log_prob`` is then the
         untruncated density inside the box, short of a normaliser that depends on ``x``; ``acceptance`` holds the
         last sampling's acceptance rate). Other supports always use their bijection.
+    pilot : nn.Module, optional
+        A per-observation first guess from the features: ``pilot(features) -> (loc, scale)`` in the parameters'
+        units, each (..., D), NaN where it has none (e.g. a maximum-likelihood fit and its standard errors). The
+        core then models each parameter relative to it (``(u - loc_u(x)) / scale_u(x)`` after the support's map,
+        ``scale`` inflated by ``pilot_inflate``), so it need only learn corrections; parameters without a pilot use
+        the training set's z-scoring.
     """
 
     def __init__(self, prior, x_dim: int, kind: str = "nsf", features: nn.Module | None = None,
                  embedding: nn.Module | None = None, transforms: int = 5, hidden: Sequence[int] = (64, 64),
-                 bins: int = 8, clamp: float = 2.0, box: str = "logit"):
+                 bins: int = 8, clamp: float = 2.0, box: str = "logit", pilot: nn.Module | None = None,
+                 pilot_inflate: float = 2.0):
         super().__init__()
         if kind not in ESTIMATORS:
             raise ValueError(f"PosteriorEstimator: kind must be one of {', '.join(ESTIMATORS)}, got {kind!r}")
@@ -250,6 +257,7 @@ class PosteriorEstimator(nn.Module):
             self.core = ConditionalINN(self.dim, ctx, transforms=transforms, hidden=hidden, clamp=clamp)
         else:
             self.core = _ZukoCore(kind, self.dim, ctx, transforms, hidden, bins)
+        self.pilot, self.pilot_inflate = pilot, float(pilot_inflate)
         self.truncate = box == "truncate" and self.prior.low is not None
         self.acceptance = 1.0
         self._transform = self._support_transform()
@@ -282,6 +290,32 @@ class PosteriorEstimator(nn.Module):
     def context(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.x_norm(self.features(x)))
 
+    def condition(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From the fixed features: the core's context and each observation's location and scale in the
+        unconstrained coordinates, (..., D) each (the training set's z-scoring where there is no pilot)."""
+        ctx = self.embedding(self.x_norm(features))
+        shape = ctx.shape[:-1] + (self.dim,)
+        loc, scale = self.u_norm.loc.expand(shape), self.u_norm.scale.expand(shape)
+        if self.pilot is None:
+            return ctx, loc, scale
+        p_loc, p_scale = self.pilot(features)
+        has = torch.isfinite(p_loc) & torch.isfinite(p_scale) & (p_scale > 0)
+        centre = self._transform(torch.zeros_like(p_loc))  # a point inside the support stands in where none
+        mid = torch.where(has, p_loc, centre)
+        half = torch.where(has, 0.5 * p_scale, torch.zeros_like(p_scale))
+        to_u = lambda t: self._transform.inv(self._off_faces(self._clamp_inside(t)))  # noqa: E731
+        # the pilot's interval mapped through the support's bijection (any bijection, no Jacobian needed)
+        width = (to_u(mid + half) - to_u(mid - half)).abs().clamp_min(1e-6) * self.pilot_inflate
+        return ctx, torch.where(has, to_u(mid), loc), torch.where(has, width, scale)
+
+    def _clamp_inside(self, theta: torch.Tensor) -> torch.Tensor:
+        if self.prior.low is None:
+            return theta
+        return torch.minimum(torch.maximum(theta, self.prior.low.to(theta)), self.prior.high.to(theta))
+
+    def _condition_x(self, x: torch.Tensor):
+        return self.condition(self.features(x))
+
     def featurize(self, x: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
         """The fixed features of every observation, computed once (training reuses them every epoch)."""
         with torch.no_grad():
@@ -299,27 +333,29 @@ class PosteriorEstimator(nn.Module):
         eps = 1e-6 * (high - low)
         return torch.minimum(torch.maximum(theta, low + eps), high - eps)
 
-    def _to_latent(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised unconstrained coordinates of ``theta`` and ``log|d v / d theta|``."""
-        theta = self._off_faces(theta)
-        u = self._transform.inv(theta)
-        log_det = -self._transform.log_abs_det_jacobian(u, theta) - torch.log(self.u_norm.scale).sum()
-        return self.u_norm(u), log_det
-
-    def log_prob_from_context(self, theta: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    def log_prob_from_condition(self, theta: torch.Tensor, cond) -> torch.Tensor:
+        """``log q(theta | x)`` from :meth:`condition`'s output: the core's density of ``(u - loc) / scale`` with
+        the Jacobians of the standardisation and of the support's bijection."""
+        ctx, loc, scale = cond
         inside = self.prior.in_support(theta)
-        safe = torch.where(inside.unsqueeze(-1), theta, self._transform(torch.zeros_like(theta)))
-        v, log_det = self._to_latent(safe)
+        safe = self._off_faces(torch.where(inside.unsqueeze(-1), theta, self._transform(torch.zeros_like(theta))))
+        u = self._transform.inv(safe)
+        v = (u - loc) / scale
+        log_det = -self._transform.log_abs_det_jacobian(u, safe) - torch.log(scale).sum(-1)
         lp = self.core.log_prob(v, ctx.expand(v.shape[:-1] + ctx.shape[-1:])) + log_det
         return torch.where(inside, lp, torch.full_like(lp, -float("inf")))
 
     def log_prob(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``log q(theta | x)``, shape ``theta.shape[:-1]`` broadcast with ``x.shape[:-1]``; -inf outside the
         prior's support."""
-        return self.log_prob_from_context(theta, self.context(x))
+        return self.log_prob_from_condition(theta, self._condition_x(x))
 
-    def _sample_from_context(self, ctx: torch.Tensor, n: int, max_rounds: int = 200) -> torch.Tensor:
-        theta = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+    def _draw(self, cond, n: int) -> torch.Tensor:
+        ctx, loc, scale = cond
+        return self._transform(loc + scale * self.core.sample(ctx, n))
+
+    def _sample_from_condition(self, cond, n: int, max_rounds: int = 200) -> torch.Tensor:
+        theta = self._draw(cond, n)
         if not self.truncate:
             return theta
         # rejection: redraw the entries outside the box (each observation keeps its own draws)
@@ -327,7 +363,7 @@ class PosteriorEstimator(nn.Module):
         for _ in range(max_rounds):
             if not bool(outside.any()):
                 break
-            fresh = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+            fresh = self._draw(cond, n)
             theta = torch.where(outside.unsqueeze(-1), fresh, theta)
             drawn += int(outside.sum())
             outside = ~self.prior.in_support(theta)
@@ -343,22 +379,21 @@ class PosteriorEstimator(nn.Module):
         if not self.truncate:
             return 0.0
         with torch.no_grad():
-            ctx = self.context(x)
-            theta = self._transform(self.u_norm.loc + self.u_norm.scale * self.core.sample(ctx, n))
+            theta = self._draw(self._condition_x(x), n)
             inside = float(self.prior.in_support(theta).double().mean())
         return math.log(max(inside, 1.0 / n))
 
     def sample_and_log_prob(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draws (n, D) for one ``x`` or (n, batch, D), with their ``log q`` (one more density pass)."""
         with torch.no_grad():
-            ctx = self.context(x)
-            theta = self._sample_from_context(ctx, n)
-            return theta, self.log_prob_from_context(theta, ctx)
+            cond = self._condition_x(x)
+            theta = self._sample_from_condition(cond, n)
+            return theta, self.log_prob_from_condition(theta, cond)
 
     def sample(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """``n`` draws for each observation: (n, D) for one ``x``, else (n, *batch, D); all in the support."""
         with torch.no_grad():
-            return self._sample_from_context(self.context(x), n)
+            return self._sample_from_condition(self._condition_x(x), n)
 
 
 class _OnFeatures(nn.Module):
@@ -375,14 +410,14 @@ class _OnFeatures(nn.Module):
         self.est.x_norm.fit(features)
 
     def log_prob(self, theta: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.est.log_prob_from_context(theta, self.est.embedding(self.est.x_norm(features)))
+        return self.est.log_prob_from_condition(theta, self.est.condition(features))
 
 
 def build_estimator(prior, x_dim: int, kind: str = "nsf", embedding: str | nn.Module | None = None,
                     features: nn.Module | None = None, embedding_dim: int = 32,
                     embedding_hidden: Sequence[int] = (128,), n_axes: int = 1, transforms: int = 5,
                     hidden: Sequence[int] = (64, 64), bins: int = 8, clamp: float = 2.0,
-                    box: str = "logit") -> PosteriorEstimator:
+                    box: str = "logit", pilot: nn.Module | None = None) -> PosteriorEstimator:
     """A :class:`PosteriorEstimator` from names: ``embedding`` is ``None``/``"none"``, ``"mlp"``, ``"conv1d"``
     (``n_axes`` scans concatenated) or a module."""
     feat_dim = int(getattr(features, "out_dim", x_dim)) if features is not None else int(x_dim)
@@ -397,4 +432,4 @@ def build_estimator(prior, x_dim: int, kind: str = "nsf", embedding: str | nn.Mo
     else:
         raise ValueError(f"build_estimator: embedding must be none, mlp, conv1d or a module, got {embedding!r}")
     return PosteriorEstimator(prior, x_dim, kind=kind, features=features, embedding=emb, transforms=transforms,
-                              hidden=hidden, bins=bins, clamp=clamp, box=box)
+                              hidden=hidden, bins=bins, clamp=clamp, box=box, pilot=pilot)

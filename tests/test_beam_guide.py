@@ -146,6 +146,13 @@ def test_knife_edge_fit_features_recover_the_beam_with_calibrated_errors():
         assert float((log_sig.exp() - theta[:, 2 + axis]).abs().median()) < 0.01  # mm; prior width 0.5 mm
     flux = feats[:, 2].exp()
     assert float(((flux - theta[:, 5]) / theta[:, 5]).abs().median()) < 0.02
+    # the pilot puts them in the parameters' order, with no guess for rho and div
+    from physppl.guides.beam import KnifeEdgePilot
+
+    loc, scale = KnifeEdgePilot()(feats)
+    assert bool(torch.isnan(loc[:, [4, 6]]).all()) and bool(torch.isnan(scale[:, [4, 6]]).all())
+    z = (loc[:, [0, 1, 2, 3, 5]] - theta[:, [0, 1, 2, 3, 5]]) / scale[:, [0, 1, 2, 3, 5]]
+    assert bool((z.std(0) - 1).abs().max() < 0.15)
 
 
 def test_an_estimator_on_fixed_features_trains_on_them_once_and_scores_raw_scans():
