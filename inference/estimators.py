@@ -300,13 +300,21 @@ class PosteriorEstimator(nn.Module):
             return ctx, loc, scale
         p_loc, p_scale = self.pilot(features)
         has = torch.isfinite(p_loc) & torch.isfinite(p_scale) & (p_scale > 0)
+        if self.prior.low is not None:
+            # a guess within a few errors of a face of the box is no use on the logit, whose scale blows up there:
+            # those observations keep the training set's z-scoring for that parameter
+            low, high = self.prior.low.to(p_loc), self.prior.high.to(p_loc)
+            has = has & (p_loc - 4 * p_scale > low) & (p_loc + 4 * p_scale < high)
         centre = self._transform(torch.zeros_like(p_loc))  # a point inside the support stands in where none
         mid = torch.where(has, p_loc, centre)
         half = torch.where(has, 0.5 * p_scale, torch.zeros_like(p_scale))
         to_u = lambda t: self._transform.inv(self._off_faces(self._clamp_inside(t)))  # noqa: E731
-        # the pilot's interval mapped through the support's bijection (any bijection, no Jacobian needed)
-        width = (to_u(mid + half) - to_u(mid - half)).abs().clamp_min(1e-6) * self.pilot_inflate
-        return ctx, torch.where(has, to_u(mid), loc), torch.where(has, width, scale)
+        # the pilot's interval mapped through the support's bijection (any bijection, no Jacobian needed); near a
+        # face of a box one half of the interval is cut off, so the wider half sets the width
+        mid_u = to_u(mid)
+        half_u = torch.maximum((to_u(mid + half) - mid_u).abs(), (mid_u - to_u(mid - half)).abs())
+        width = torch.maximum(2 * half_u, 1e-3 * scale) * self.pilot_inflate
+        return ctx, torch.where(has, mid_u, loc), torch.where(has, width, scale)
 
     def _clamp_inside(self, theta: torch.Tensor) -> torch.Tensor:
         if self.prior.low is None:
