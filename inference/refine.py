@@ -114,8 +114,10 @@ class ImportanceRefinement:
         Proposal draws for the weights and diagnostics.
     defensive : float
         Prior fraction ``a`` of the defensive mixture (0 turns it off).
-    mcmc_steps : int
-        Independence Metropolis-Hastings steps per chain after resampling.
+    mcmc_steps, max_mcmc_steps : int
+        Independence Metropolis-Hastings steps per chain after resampling: at least ``mcmc_steps``, and more (up
+        to ``max_mcmc_steps``) until 95% of the chains have moved at least once, so duplicates of a poorly
+        covered posterior are moved on rather than returned.
     k_threshold : float
         k-hat above which a proposal is not trusted (0.7, Vehtari et al. 2024).
     batch_size : int
@@ -124,10 +126,11 @@ class ImportanceRefinement:
     """
 
     def __init__(self, n_proposal: int = 20_000, defensive: float = 0.05, mcmc_steps: int = 20,
-                 k_threshold: float = 0.7, batch_size: int = 20_000, seed: int = 0):
+                 max_mcmc_steps: int = 200, k_threshold: float = 0.7, batch_size: int = 20_000, seed: int = 0):
         if not 0 <= defensive < 1:
             raise ValueError(f"ImportanceRefinement: defensive must be in [0, 1), got {defensive}")
         self.n_proposal, self.defensive, self.mcmc_steps = int(n_proposal), float(defensive), int(mcmc_steps)
+        self.max_mcmc_steps = max(int(max_mcmc_steps), self.mcmc_steps)
         self.k_threshold, self.batch_size, self.seed = float(k_threshold), int(batch_size), int(seed)
 
     # -- one proposal ---------------------------------------------------------------------------------
@@ -174,15 +177,17 @@ class ImportanceRefinement:
         w = torch.exp(lw - lw.max())
         idx = torch.multinomial(w.float(), int(n_draws), replacement=True, generator=gen)
         theta, cur = diag["theta"][idx].clone(), lw[idx].clone()
-        accepted = 0
-        for _ in range(self.mcmc_steps):
+        accepted, steps = 0, 0
+        moved = torch.zeros(int(n_draws), dtype=torch.bool)
+        while steps < self.max_mcmc_steps and (steps < self.mcmc_steps or float(moved.float().mean()) < 0.95):
             prop, log_mix = self._mixture_draws(q, prior, int(n_draws))
             lw_new = self._log_weights(prop, log_mix, prior, log_likelihood)
             u = torch.rand(int(n_draws), generator=gen, dtype=torch.float64)
             accept = torch.log(u) < (lw_new - cur)
             theta[accept], cur[accept] = prop[accept], lw_new[accept]
-            accepted += int(accept.sum())
-        rate = accepted / max(1, self.mcmc_steps * int(n_draws))
+            accepted, steps, moved = accepted + int(accept.sum()), steps + 1, moved | accept
+        self.last_steps, self.last_moved = steps, float(moved.float().mean())
+        rate = accepted / max(1, steps * int(n_draws))
         return theta, rate
 
 
@@ -216,7 +221,8 @@ def refine(proposals: Mapping[str, object], log_likelihood: Callable[[torch.Tens
     if not reliable:
         warning = (f"no proposal covers the posterior well enough for importance sampling (best: {best}, Pareto k "
                    f"{d['pareto_k']:.2f} > {opts.k_threshold:g}, ESS {d['ess']:.0f}); the draws come from "
-                   f"Metropolis-Hastings chains with acceptance {rate:.3f} and may not have mixed")
+                   f"{opts.last_steps} independence Metropolis-Hastings steps per chain with acceptance {rate:.3f}, "
+                   f"{100 * opts.last_moved:.0f}% of the chains moved, and may not have mixed")
         log.warning("refinement: %s", warning)
     return RefinementResult(draws=draws, method=best, pareto_k=float(d["pareto_k"]), ess=float(d["ess"]),
                             accept_rate=rate, reliable=bool(reliable),
