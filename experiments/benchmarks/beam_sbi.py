@@ -7,8 +7,8 @@ the same fresh prior draws (ranks of the truth among 100 posterior draws; KS tes
 
 * ``sbi``: sbi's NPE with its default NSF and training settings (z-scored raw scans);
 * ``physppl``: physppl's best amortized estimator, ``guide=beam_estimator`` (zuko NSF on the logit of the prior
-  box, conditioned on physics summaries of the scans; ``physppl.guides.beam.knife_edge_estimator``), trained
-  with the engine's default trainer;
+  box, conditioned on each scan's maximum-likelihood fit and correcting it as a pilot;
+  ``physppl.guides.beam.knife_edge_estimator``), trained with the engine's default trainer;
 * ``pyro``: physppl's earlier Pyro flow (``guide=beam_flow``, ``inference=npe_amortized``);
 * ``job``: the default job at 10^4 (amortized, then a per-scan variational fit against the likelihood).
 
@@ -119,7 +119,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(987_654)
     sbc_theta = model.sample_prior(args.sbc, gen) if args.sbc else None
     sbc_x = model.simulate(sbc_theta, gen) if args.sbc else None
-    trainers = {"physppl": ("physppl", "NPE, zuko NSF on physics summaries (guide=beam_estimator)", physppl_estimator),
+    trainers = {"physppl": ("physppl", "NPE, zuko NSF on per-scan ML fits as pilot (guide=beam_estimator)", physppl_estimator),
                 "sbi": ("sbi", "NPE, sbi's default NSF", sbi_npe),
                 "pyro": ("physppl", "NPE, Pyro flow (guide=beam_flow)", pyro_flow)}
     rows = []
