@@ -366,6 +366,22 @@ class PosteriorEstimator(nn.Module):
         theta = self._draw(cond, n)
         if not self.truncate:
             return theta
+        if cond[0].dim() == 1:  # one observation: top up with batches sized by the acceptance so far
+            kept, drawn = [theta[self.prior.in_support(theta)]], n
+            have = len(kept[0])
+            for _ in range(max_rounds):
+                if have >= n:
+                    break
+                rate = max(have / drawn, 1.0 / max_rounds)
+                m = int(min(50 * n, (n - have) / rate * 1.1 + 100))
+                more = self._draw(cond, m)
+                kept.append(more[self.prior.in_support(more)])
+                have, drawn = have + len(kept[-1]), drawn + m
+            if have < n:
+                raise RuntimeError(f"PosteriorEstimator: only {have} of {drawn} draws fall inside the prior box; "
+                                   "use box='logit'")
+            self.acceptance = have / drawn
+            return torch.cat(kept)[:n]
         # rejection: redraw the entries outside the box (each observation keeps its own draws)
         drawn, outside = theta[..., 0].numel(), ~self.prior.in_support(theta)
         for _ in range(max_rounds):
