@@ -267,6 +267,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 def test_readme_command_lines_compose():
     """Every command line of the README's Run section is a valid configuration (no option renamed away)."""
     configs = composed_configs(REPO / "experiments" / "beam_sbi" / "README.md", "## Run")
-    assert len(configs) == 7
+    assert len(configs) == 8
     for overrides, cfg in configs:
         assert cfg.task == "physppl.beam_sbi.api.task", overrides
