@@ -257,7 +257,7 @@ def test_the_simulator_protocol_is_checked_with_clear_errors(tmp_path):
 
 def _tiny(seed=0, **kw):
     plan = PLANS["npe"].build(trainer=TRAINER.build(max_epochs=15, progress=False),
-                              refinement=ImportanceRefinement(n_proposal=4000, mcmc_steps=5))
+                              refinement=ImportanceRefinement(n_proposal=4000, mcmc_steps=5, max_mcmc_steps=20))
     return physppl.infer_sbi(TwoMoons(), n_simulations=1500, n_observations=2, n_draws=1000, plan=plan,
                              estimator=lambda prior, x_dim: build_estimator(prior, x_dim, transforms=3, hidden=(32, 32)),
                              evaluate={"sbc": 60, "sbc_draws": 30, "c2st_draws": 1000, "plots": 1}, seed=seed, **kw)
