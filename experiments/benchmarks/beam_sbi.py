@@ -70,6 +70,8 @@ def pyro_flow(theta, x, model, max_epochs=60):
 
 
 def sbi_npe(theta, x, model):
+    """sbi's NPE with its default NSF on the box ``model.low, model.high``: (sample, batch sample, training s,
+    note, None)."""
     from sbi.inference import NPE
     from sbi.utils import BoxUniform
 
@@ -77,7 +79,9 @@ def sbi_npe(theta, x, model):
     inference = NPE(prior=prior, density_estimator="nsf", show_progress_bars=False)
     inference.append_simulations(theta, x)
     t0 = time.perf_counter()
-    estimator = inference.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        estimator = inference.train()
     wall = time.perf_counter() - t0
     posterior = inference.build_posterior(estimator)
 

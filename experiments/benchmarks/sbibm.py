@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ from physppl.inference.priors import as_prior
 from physppl.inference.refine import ConditionedEstimator, refine
 from physppl.models.simulators.sbi_tasks import SLCP, TwoMoons
 from physppl.simulation_inference.parts import ESTIMATORS, REFINE, TRAINER
+
+from beam_sbi import sbi_npe  # noqa: E402 (this folder is on the path of a script run here)
 
 log = logging.getLogger("sbibm_benchmark")
 
@@ -57,24 +58,9 @@ def _train_physppl(kind: str, prior, theta, x):
 
 
 def _train_sbi(prior, theta, x):
-    from sbi.inference import NPE
-    from sbi.utils import BoxUniform
-
-    inference = NPE(prior=BoxUniform(prior.low, prior.high), density_estimator="nsf", show_progress_bars=False)
-    inference.append_simulations(theta, x)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        estimator = inference.train()
-    wall = time.perf_counter() - t0
-    posterior = inference.build_posterior(estimator)
-
-    def sample(xo, n):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return posterior.sample((n,), x=xo, show_progress_bars=False)
-
-    return sample, wall, f"{inference._summary['epochs_trained'][-1]} epochs"
+    # the beam benchmark's sbi runner (the same NPE defaults), on this task's prior box
+    sample, _, wall, note, _ = sbi_npe(theta, x, prior)
+    return sample, wall, note
 
 
 def run_task(name: str, refs: dict, args) -> list[dict]:
