@@ -38,14 +38,18 @@ def initial_globals(model) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _residual_noise(model, values: dict, y, sigma=None, y_bragg=None, sigma_bragg=None) -> dict:
-    """Noise factors that match the residuals of a point fit, per resolution shell (and for Bragg)."""
-    x, ib = model.predictions(values["w"], bragg=model.bragg)
+def _residual_noise(model, values: dict, y, sigma=None, y_bragg=None, sigma_bragg=None, subsample=None) -> dict:
+    """Noise factors that match the residuals of a point fit, per resolution shell (and for Bragg), over the
+    voxels ``subsample`` (all when None)."""
+    take = (lambda t: t) if subsample is None else (lambda t: None if t is None else t[subsample])  # noqa: E731
+    x, ib = model.predictions(values["w"], subsample, bragg=model.bragg)
+    y, sigma, y_bragg, sigma_bragg, shell = take(y), take(sigma), take(y_bragg), take(sigma_bragg), take(model.shell)
     resid = y - (values["scale"] * x + values.get("offset", 0.0))
     if model.has_sigma:
         resid = resid / sigma
-    ms = torch.zeros(model.n_shells, dtype=resid.dtype, device=resid.device).index_add(0, model.shell, resid.square())
-    out = {"noise": (ms / torch.bincount(model.shell, minlength=model.n_shells)).sqrt().clamp(1e-3, 1e3)}
+    ms = torch.zeros(model.n_shells, dtype=resid.dtype, device=resid.device).index_add(0, shell, resid.square())
+    n = torch.bincount(shell, minlength=model.n_shells).clamp_min(1)
+    out = {"noise": (ms / n).sqrt().clamp(1e-3, 1e3)}
     if model.bragg:
         rb = y_bragg - values["bragg_scale"] * ib
         rb = rb / sigma_bragg if model.bragg_has_sigma else rb
@@ -53,18 +57,21 @@ def _residual_noise(model, values: dict, y, sigma=None, y_bragg=None, sigma_brag
     return out
 
 
-def map_initial_values(model, steps: int = 300, lr: float = 0.05, **model_kwargs) -> dict[str, torch.Tensor]:
+def map_initial_values(model, steps: int = 300, lr: float = 0.05, subsample: torch.Tensor | None = None,
+                       **model_kwargs) -> dict[str, torch.Tensor]:
     """Starting point for a guide: MAP weights, scale and offset with the noise factors held at their prior
     median, then noise factors matched to that fit's residuals (a noise scale learned from a poor start
-    swallows the misfit before the weights move, and the fit stalls)."""
+    swallows the misfit before the weights move, and the fit stalls). ``subsample``: fit on these voxels only
+    (frames streamed from disk: one read, reused at every step)."""
     init = initial_globals(model)
     fixed = {k: init[k] for k in ("noise", "bragg_noise") if k in init}
     init["w"] = model.concentration / model.concentration.sum()
-    values = map_estimate(model, model_kwargs, steps=steps, lr=lr, fixed=fixed,
+    data = model_kwargs if subsample is None else {**model_kwargs, "subsample": subsample}
+    values = map_estimate(model, data, steps=steps, lr=lr, fixed=fixed,
                           init={k: v for k, v in init.items() if k not in fixed})
     values.update(fixed)
     if model.noise == "shell" or model.bragg:
-        noise = _residual_noise(model, values, **model_kwargs)
+        noise = _residual_noise(model, values, subsample=subsample, **model_kwargs)
         values.update({k: v for k, v in noise.items() if k in values})
     return values
 

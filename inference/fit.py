@@ -6,8 +6,10 @@ signature below that returns a :class:`Fit`. A problem never asks which engine i
 
 The model protocol (checked by :func:`check_model`): a :class:`torch.nn.Module` (a ``PyroModule``) called as
 ``model(**data, subsample=idx)``, where ``idx`` indexes the plate the engine minibatches over (``None`` = all
-data), that declares its latent and observed sample sites inside named ``pyro.plate``s. A guide is called the
-same way and samples the model's latent sites (check: :func:`check_guide`). Parameters live in the modules
+data), that declares its latent and observed sample sites inside named ``pyro.plate``s. Optionally it has
+``prefetch(subsample)``: a minibatching engine then announces each next minibatch before using the current one (data
+on disk are read ahead). A guide is called the same way and samples the model's latent sites (check:
+:func:`check_guide`). Parameters live in the modules
 (Pyro's module-local parameter mode, set when physppl is imported), so two fits in one process share nothing.
 """
 from __future__ import annotations
@@ -171,7 +173,11 @@ def fit(model: nn.Module, guide: nn.Module | None = None, data: dict | None = No
         if needs_guide:
             if guide is None:
                 raise ProtocolError(f"engine {type(engine).__name__} needs a guide")
-            check_guide(guide, model, data)
+            # a minibatching engine is checked on one minibatch: a full pass may not fit (data streamed from disk)
+            batch = getattr(engine, "batch_size", None)
+            probe = data if n_data is None or batch is None or batch >= n_data else \
+                {**data, "subsample": torch.arange(int(batch))}
+            check_guide(guide, model, probe)
     try:
         return engine.fit(model, guide if needs_guide else None, data, n_draws=n_draws, n_data=n_data, sites=sites,
                           workdir=workdir, callback=callback, init=init)

@@ -61,6 +61,18 @@ class SVIResult:
                 "stop_reason": self.stop_reason, "train_time": self.wall_time, "resumed_from": self.resumed_from}
 
 
+def _announced(batches, prefetch: Callable):
+    """The minibatch stream one step ahead: ``prefetch(next)`` is called before the current minibatch is used, so
+    a model whose data live on disk reads the next one while this one is computed (the model protocol's optional
+    ``prefetch(subsample)``)."""
+    current = next(batches)
+    while True:
+        upcoming = next(batches)
+        prefetch(upcoming)
+        yield current
+        current = upcoming
+
+
 class SVIEngine:
     """Run SVI to convergence or a step budget.
 
@@ -245,6 +257,9 @@ class SVIEngine:
             result.resumed_from = start_step
             log.info("resumed from %s at step %d", ckpt, start_step)
         batches = self._batches(n_data, generator)
+        prefetch = getattr(model, "prefetch", None)
+        if callable(prefetch) and not self._full_batch(n_data):
+            batches = _announced(batches, prefetch)
         t0 = time.perf_counter()
         step = start_step
         bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI",
@@ -303,6 +318,8 @@ class SVIEngine:
         from .fit import latent_sites
 
         result = self.run(model, guide, data, n_data=n_data, workdir=workdir, callback=callback)
-        sites = sites or latent_sites(model, data)
+        # site names from one minibatch: a full pass may not even be possible (data streamed from disk)
+        probe = data if self._full_batch(n_data) else {**data, "subsample": torch.arange(self.batch_size)}
+        sites = sites or latent_sites(model, probe)
         draws = guide_draws(guide, data, n_draws, sites)
         return Fit(model=model, guide=guide, data=data, draws=draws, losses=result.losses, info=result.info())

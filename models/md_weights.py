@@ -32,7 +32,7 @@ from pyro.nn import PyroModule
 from .components.nested_dirichlet import NestedDirichlet
 from .components.simplex import CentredDirichlet
 
-__all__ = ["FrameBlock", "FrameFactors", "diffuse_intensity", "bragg_intensity", "FrameWeightsModel",
+__all__ = ["FrameBlock", "LowRankBlock", "FrameFactors", "diffuse_intensity", "diffuse_error_bound", "bragg_intensity", "FrameWeightsModel",
            "dirichlet_concentration", "pearson_cc", "effective_frames"]
 
 
@@ -57,6 +57,45 @@ class FrameBlock:
     @property
     def n_voxels(self) -> int:
         return int(self.count.shape[0])
+
+    @property
+    def has_im(self) -> bool:
+        return self.im is not None
+
+    def weighted(self, wm: torch.Tensor, part: str) -> torch.Tensor:
+        """``wm @ part.T``: (W, T) weights against the (R, T) rows of ``re``, ``im`` or ``power`` -> (W, R)."""
+        return wm @ getattr(self, part).T
+
+
+@dataclass
+class LowRankBlock:
+    """A :class:`FrameBlock` with each (R, T) part compressed over frames: ``part ~ coef[part] @ basis[part].T``
+    (coef (R, K), basis (T, K) orthonormal, plus ``offset[part]`` when given), so a weighting costs R x K instead of R x T. ``residual[part]`` (R,)
+    is each row's exact approximation error ``||part_r - coef_r basis^T||_2``, which bounds the error of any
+    weighted sum (see :func:`diffuse_error_bound`)."""
+
+    coef: dict
+    basis: dict
+    residual: dict
+    mean_re: torch.Tensor
+    mean_im: torch.Tensor | None
+    local: torch.Tensor
+    count: torch.Tensor
+    offset: dict | None = None  # part -> (R,) exact row constant over frames (|F|^2's row mean), outside the basis
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.count.shape[0])
+
+    @property
+    def has_im(self) -> bool:
+        return "im" in self.coef
+
+    def weighted(self, wm: torch.Tensor, part: str) -> torch.Tensor:
+        out = (wm @ self.basis[part]) @ self.coef[part].T
+        if self.offset and part in self.offset:
+            out = out + wm.sum(-1, keepdim=True) * self.offset[part]
+        return out
 
 
 class FrameFactors:
@@ -179,19 +218,35 @@ def _symmetry_mean(x: torch.Tensor, block: FrameBlock) -> torch.Tensor:
 
 def diffuse_intensity(w: torch.Tensor, block: FrameBlock) -> torch.Tensor:
     """``x'(h) = sum_t w_t |F(h,t)|^2 - |sum_t w_t F(h,t)|^2`` averaged over symmetry mates; (..., T) -> (..., B)."""
-    wm, batch = _weights_matrix(w.to(block.re.dtype))
-    x = wm @ block.power.T - (wm @ block.re.T).square()
-    if block.im is not None:
-        x = x - (wm @ block.im.T).square()
+    wm, batch = _weights_matrix(w.to(block.mean_re.dtype))
+    x = block.weighted(wm, "power") - block.weighted(wm, "re").square()
+    if block.has_im:
+        x = x - block.weighted(wm, "im").square()
     return _unflatten(_symmetry_mean(x, block), batch)
+
+
+def diffuse_error_bound(w: torch.Tensor, block: LowRankBlock) -> torch.Tensor:
+    """An upper bound on ``|x'(h) - x'_lowrank(h)|`` for weights w, (..., T) -> (..., B).
+
+    For any weighting, ``|sum_t w_t e_t| <= ||w||_2 ||e||_2`` (Cauchy-Schwarz), so the power term errs by at most
+    ``||w|| r_P`` and each squared mean ``(u + e)^2`` by ``|e| (2 |u| + |e|)`` with ``|e| <= ||w|| r``; the
+    symmetry mean of the bounds bounds the mean of the errors.
+    """
+    wm, batch = _weights_matrix(w.to(block.mean_re.dtype))
+    norm = wm.norm(dim=-1, keepdim=True)
+    bound = norm * block.residual["power"]
+    for part in ("re", "im") if block.has_im else ("re",):
+        e = norm * block.residual[part]
+        bound = bound + e * (2 * block.weighted(wm, part).abs() + e)
+    return _unflatten(_symmetry_mean(bound, block), batch)
 
 
 def bragg_intensity(w: torch.Tensor, block: FrameBlock) -> torch.Tensor:
     """``|sum_t w_t F(h,t)|^2`` (the ensemble-mean structure factor) averaged over symmetry mates."""
-    wm, batch = _weights_matrix(w.to(block.re.dtype))
-    x = (block.mean_re + wm @ block.re.T).square()
-    if block.im is not None:
-        x = x + (block.mean_im + wm @ block.im.T).square()
+    wm, batch = _weights_matrix(w.to(block.mean_re.dtype))
+    x = (block.mean_re + block.weighted(wm, "re")).square()
+    if block.has_im:
+        x = x + (block.mean_im + block.weighted(wm, "im")).square()
     return _unflatten(_symmetry_mean(x, block), batch)
 
 
@@ -276,7 +331,8 @@ class FrameWeightsModel(PyroModule):
         Resolution weighting: multiplies each voxel's log-likelihood (e.g. equal total weight per shell).
     n_norm_voxels : int
         Size of the fixed random voxel set over which ``m(w)`` is averaged (all voxels when there are fewer), so
-        minibatches see the same normaliser.
+        minibatches see the same normaliser; for frames with ``sequential = True`` (streamed from disk, voxels
+        shuffled when stored) the first ``n_norm_voxels`` voxels.
     """
 
     def __init__(
@@ -335,9 +391,19 @@ class FrameWeightsModel(PyroModule):
         self.scale_prior_sd, self.offset_prior_sd = float(scale_prior_sd), float(offset_prior_sd)
         n = self.n_voxels
         k = min(n, int(n_norm_voxels))
-        norm = None if k >= n else torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
+        if getattr(frames, "sequential", False):
+            # frames read from disk in voxel order (already shuffled): the first k voxels are a random sample, read
+            # in one contiguous range (never all voxels at once, even when there are fewer)
+            norm = torch.arange(k)
+        elif k >= n:
+            norm = None
+        else:
+            norm = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
         self.register_buffer("norm_voxels", norm)
         self._norm_block = None
+        if callable(getattr(frames, "prefetch", None)):
+            # frames on disk: the SVI engine announces the next minibatch of voxels so it is read during this step
+            self.prefetch = frames.prefetch
 
     @property
     def n_frames(self) -> int:
@@ -428,6 +494,8 @@ class FrameWeightsModel(PyroModule):
     def predictions(self, w: torch.Tensor, idx: torch.Tensor | None = None, bragg: bool = False):
         """Diffuse (and Bragg) intensity of weights w at voxels idx, relative to their mean over the model's
         normalisation voxels: ``(x'/m(w), I_B/m_B(w) or None)``, shapes (..., B)."""
+        if idx is None and callable(getattr(self.frames, "voxel_ranges", None)):
+            return self._predictions_by_range(w, bragg)
         block = self.frames.block(idx)
         x = diffuse_intensity(w, block)
         ib = bragg_intensity(w, block) if bragg else None
@@ -439,3 +507,19 @@ class FrameWeightsModel(PyroModule):
             m = diffuse_intensity(w, self._norm_block).mean(-1, keepdim=True)
             mb = bragg_intensity(w, self._norm_block).mean(-1, keepdim=True) if bragg else None
         return x / m, (None if ib is None else ib / mb)
+
+    def _predictions_by_range(self, w: torch.Tensor, bragg: bool):
+        """All voxels of frames read from disk, one range at a time (the next read while one is computed); without
+        gradients only: a differentiable full pass would keep every range's frames alive."""
+        if torch.is_grad_enabled():
+            raise ValueError("frames streamed from disk are differentiated a minibatch at a time: give the engine a "
+                             "batch_size (inference.batch_size=...)")
+        ranges = self.frames.voxel_ranges()
+        xs, ibs = [], []
+        for k, r in enumerate(ranges):
+            if k + 1 < len(ranges):
+                self.frames.prefetch(ranges[k + 1])
+            x, ib = self.predictions(w, r, bragg)
+            xs.append(x)
+            ibs.append(ib)
+        return torch.cat(xs, -1), (torch.cat(ibs, -1) if bragg else None)

@@ -57,19 +57,21 @@ def _sbc(batch_sample, theta, x, n_draws=100):
     return float(p.min()), p
 
 
-def physppl_estimator(theta, x, model):
+def physppl_estimator(theta, x, model, max_epochs=None):
     est = BEAM_ESTIMATOR.build()(low=model.low, high=model.high, positions=model.positions)
-    res = TRAINER.build(progress=False).fit(est, theta, x)
+    cap = {} if max_epochs is None else {"max_epochs": max_epochs}
+    res = TRAINER.build(progress=False, **cap).fit(est, theta, x)
     return (lambda xo, n: est.sample(xo, n)), (lambda xb, n: est.sample(xb, n)), res.wall_time, f"{res.epochs} epochs", est
 
 
-def pyro_flow(theta, x, model, max_epochs=60):
+def pyro_flow(theta, x, model, max_epochs=None):
+    max_epochs = 60 if max_epochs is None else max_epochs
     flow = knife_edge_flow(low=model.low, high=model.high, positions=model.positions)
     res = NPE_TRAINER.build(max_epochs=max_epochs, progress=False).fit(flow, theta, x)
     return (lambda xo, n: flow.sample(xo, n)), (lambda xb, n: flow.sample(xb, n)), res.wall_time, f"{res.epochs} epochs", flow
 
 
-def sbi_npe(theta, x, model):
+def sbi_npe(theta, x, model, max_epochs=None):
     """sbi's NPE with its default NSF on the box ``model.low, model.high``: (sample, batch sample, training s,
     note, None)."""
     from sbi.inference import NPE
@@ -81,7 +83,8 @@ def sbi_npe(theta, x, model):
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        estimator = inference.train()
+        cap = {} if max_epochs is None else {"max_num_epochs": max_epochs}
+        estimator = inference.train(**cap)
     wall = time.perf_counter() - t0
     posterior = inference.build_posterior(estimator)
 
@@ -109,6 +112,8 @@ def main() -> None:
     ap.add_argument("--tools", nargs="+", default=["physppl", "sbi", "pyro", "job"],
                     choices=["physppl", "sbi", "pyro", "job"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-epochs", type=int, default=None,
+                    help="cap every tool's epochs (default: each tool's own stopping rule; the note says when hit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here (after every row)")
     args = ap.parse_args()
@@ -143,7 +148,9 @@ def main() -> None:
             tool, method, train = trainers[name]
             torch.manual_seed(args.seed)
             try:
-                sample, batch, wall, note, _ = train(theta, x, model)
+                sample, batch, wall, note, _ = train(theta, x, model, max_epochs=args.max_epochs)
+                if args.max_epochs is not None and note == f"{args.max_epochs} epochs":
+                    note += " (capped)"
             except ImportError:
                 log.warning("sbi is not installed (pip install -e '.[sbi]'): skipping it")
                 continue

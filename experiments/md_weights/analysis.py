@@ -64,27 +64,37 @@ def _contraction(sd: np.ndarray, prior_sd: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def predicted_intensities(data, model, draws: dict[str, np.ndarray], chunk: int = 50) -> dict[str, np.ndarray]:
     """Posterior mean and sd of the predicted diffuse (and Bragg) intensity per voxel, in the data's units, and
-    the mean unscaled x' (frames' units)."""
-    dev = data.frames.device
-    w = torch.as_tensor(draws["w"], dtype=data.frames.re.dtype, device=dev)
+    the mean unscaled x' (frames' units). Frames streamed from disk are read once, a range of voxels at a time
+    with every draw; frames in memory are used whole, a few draws at a time."""
+    dev = data.frames.device if hasattr(data.frames, "device") else data.y.device
+    w = torch.as_tensor(draws["w"], dtype=data.y.dtype, device=dev)
     col = lambda k: torch.as_tensor(draws[k], dtype=w.dtype, device=dev).reshape(-1, 1).double()  # noqa: E731
     a = col("scale")
     b = col("offset") if "offset" in draws else torch.zeros_like(a)
     bragg = data.y_bragg is not None and "bragg_scale" in draws
     ab = col("bragg_scale") if bragg else None
-    sums = {}
     n = w.shape[0]
-    block = data.frames.block()
-    for start in range(0, n, chunk):  # a few draws at a time: (chunk, N) stays small for large maps
-        sl = slice(start, start + chunk)
-        rel, rel_b = model.predictions(w[sl], bragg=bragg)
-        parts = {"pred": data.y_shift + data.y_scale * (a[sl] * rel.double() + b[sl]),
-                 "x": diffuse_intensity(w[sl], block).double() * data.x_scale}
-        if bragg:
-            parts["bragg"] = data.bragg_scale * ab[sl] * rel_b.double()
-        for k, v in parts.items():
-            s1, s2 = sums.get(k, (0.0, 0.0))
-            sums[k] = (s1 + v.sum(0), s2 + v.square().sum(0))
+    streamed = callable(getattr(data.frames, "voxel_ranges", None))
+    ranges = data.frames.voxel_ranges() if streamed else [None]
+    pieces: dict[str, list] = {}
+    for k, idx in enumerate(ranges):
+        if streamed and k + 1 < len(ranges):
+            data.frames.prefetch(ranges[k + 1])
+        sums: dict = {}
+        step = n if streamed else chunk  # (chunk, N) stays small for large maps
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            rel, rel_b = model.predictions(w[sl], idx, bragg=bragg)
+            parts = {"pred": data.y_shift + data.y_scale * (a[sl] * rel.double() + b[sl]),
+                     "x": diffuse_intensity(w[sl], data.frames.block(idx)).double() * data.x_scale}
+            if bragg:
+                parts["bragg"] = data.bragg_scale * ab[sl] * rel_b.double()
+            for name, v in parts.items():
+                s1, s2 = sums.get(name, (0.0, 0.0))
+                sums[name] = (s1 + v.sum(0), s2 + v.square().sum(0))
+        for name, pair in sums.items():
+            pieces.setdefault(name, []).append(pair)
+    sums = {name: (torch.cat([p[0] for p in v]), torch.cat([p[1] for p in v])) for name, v in pieces.items()}
     out = {}
     for k, (s1, s2) in sums.items():
         mean = s1 / n

@@ -96,6 +96,30 @@ def _state_coordinate(idata, data: MDData):
     return idata
 
 
+# streamed frames: voxels of the MAP start (a random sample: stored voxels are shuffled), and of a minibatch when
+# the engine has none (about 160 MB of float32 at 5,000 frames)
+WARM_START_VOXELS = 16384
+STREAM_BATCH_VOXELS = 4096
+
+
+def stream_engine(engine, data: MDData):
+    """The engine for frames streamed from disk: minibatches of contiguous voxel ranges (one read each); a copy
+    when its settings must change."""
+    import copy
+
+    if getattr(engine, "batch_size", "none") == "none":
+        return engine  # an engine that does not minibatch (NUTS) reads through the store at every evaluation
+    if engine.batch_size is not None and engine.batch_order == "blocks":
+        return engine
+    engine = copy.copy(engine)
+    if engine.batch_size is None:
+        engine.batch_size = min(data.n_voxels, STREAM_BATCH_VOXELS)
+        log.info("frames streamed from disk: SVI in minibatches of %d voxels (set inference.batch_size to change)",
+                 engine.batch_size)
+    engine.batch_order = "blocks"  # a contiguous range of voxels is one read, and a random sample (shuffled store)
+    return engine
+
+
 def weigh_frames(
     frames: str | os.PathLike | MDWeightsDataSource | None = None,
     observed: str | os.PathLike | None = None,
@@ -162,10 +186,19 @@ def weigh_frames(
                  source.frames or "simulated example")
         net = build_model(model, data, source.voxel_weight(data), prior_w).to(job.device)
         engine = resolve_engine(engine)
+        streamed = callable(getattr(data.frames, "prefetch", None))
+        if streamed:
+            engine = stream_engine(engine, data)
+            if cc_baseline or log_likelihood:
+                log.info("frames streamed from %s: the prototype's CC fit and the pointwise log-likelihood (each a "
+                         "full pass per step or per draw) are skipped", source.frames)
+            cc_baseline = log_likelihood = False
         kwargs = data.model_kwargs()
         needs_guide = bool(getattr(engine, "needs_guide", True))
-        # a MAP start for the guide, and for a sampler's chains (the noise factors make modes)
-        init = initial_values(net, kwargs, warm_start_steps, warm_start_lr) if warm_start_steps > 0 else None
+        # a MAP start for the guide, and for a sampler's chains (the noise factors make modes); with streamed
+        # frames on a fixed sample of voxels, read once
+        warm = torch.arange(min(data.n_voxels, WARM_START_VOXELS)) if streamed else None
+        init = initial_values(net, kwargs, warm_start_steps, warm_start_lr, warm) if warm_start_steps > 0 else None
         guide = build_guide(resolve_guide(guide), net, data.labels, init) if needs_guide else None
         n_data = data.n_voxels if getattr(engine, "batch_size", None) is not None else None
         fit = fit_model(net, guide, kwargs, engine, n_draws=n_draws, n_data=n_data, workdir=workdir, init=init)
@@ -192,6 +225,10 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
                      "bragg": data.y_bragg is not None, **{k: v for k, v in data.info.items() if k != "normalisation"},
                      **fit.info, **quality, **analysis.effective_frames_summary(w),
                      **{f"norm_{k}": v for k, v in data.info["normalisation"].items()}}
+    metrics.update(_compression_error(data, w.mean(0)))
+    stats = getattr(data.frames, "stats", None)
+    if stats is not None:  # frames streamed from disk: what the whole job read, and how long it waited for it
+        metrics.update({f"stream_{k}": v for k, v in stats.as_dict().items()})
     metrics["state_mass_mean"] = dict(zip(data.label_names, states_tab["mean"]))
     metrics["state_mass_sd"] = dict(zip(data.label_names, states_tab["sd"]))
     metrics["min_contraction"] = float(states_tab["contraction"].min())
@@ -206,7 +243,7 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
                "SIGIPRED": (pred["pred_sd"], "Stddev"), "XPRED": (pred["x_mean"], "Intensity")}
     if cc is not None:
         with torch.no_grad():
-            x_cc = diffuse_intensity(torch.as_tensor(cc.weights, dtype=data.frames.re.dtype, device=job.device),
+            x_cc = diffuse_intensity(torch.as_tensor(cc.weights, dtype=data.y.dtype, device=job.device),
                                      data.frames.block()).double().cpu().numpy()
         cc_quality, cc_shells = analysis.fit_quality(data, x_cc)
         shell_tables["CC objective (prototype)"] = cc_shells
@@ -249,6 +286,36 @@ def _finish(job: Job, source, data: MDData, model, fit: Fit, truth, cc_baseline,
     return job.result(FrameWeightsResult, idata=idata, metrics=metrics, losses=fit.losses, summary=summary,
                       files=files, figures=figures, weights=frames_tab, states=states_tab, diffuse_fit=diffuse_fit,
                       data=data, fit=fit)
+
+
+# a mean x' error of the compressed frames above this fraction of the mean x' is flagged as unreliable
+LOW_RANK_ERROR_WARN = 0.05
+
+
+def _compression_error(data: MDData, w_mean: np.ndarray) -> dict:
+    """For frames compressed over frames, at the posterior mean weights: the exact x' error (one pass over the
+    store) and the bound that holds for any weights, each relative to the mean x'."""
+    if not callable(getattr(data.frames, "error_bound", None)):
+        return {}
+    with torch.no_grad():
+        w = torch.as_tensor(w_mean, dtype=data.y.dtype)
+        bound = data.frames.error_bound(w).double()
+        x = torch.cat([diffuse_intensity(w, data.frames.block(idx)).double()
+                       for idx in torch.arange(data.n_voxels).split(65536)])
+        measured = data.frames.measured_error(w)
+    scale = float(x.abs().mean())
+    out = {"low_rank_x_error_bound_mean_rel": float(bound.mean()) / scale,
+           "low_rank_x_error_bound_max_rel": float(bound.max()) / scale}
+    if measured is not None:
+        out.update({"low_rank_x_error_mean_rel": float(measured.mean()) / scale,
+                    "low_rank_x_error_max_rel": float(measured.max()) / scale})
+    error = out.get("low_rank_x_error_mean_rel", out["low_rank_x_error_bound_mean_rel"])
+    if error > LOW_RANK_ERROR_WARN:  # the job runner warns about failed checks
+        out["failed_checks"] = [
+            f"low_rank_error: the rank-{data.frames.rank} compression of the frames changes x' by {100 * error:.1f}% "
+            "of its mean on average (at the posterior mean weights); raise data.low_rank, or fit exactly "
+            "(data.low_rank=null)"]
+    return out
 
 
 def task(cfg: DictConfig, workdir: str | os.PathLike) -> FrameWeightsResult:

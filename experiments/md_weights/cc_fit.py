@@ -34,7 +34,7 @@ def fit_pearson_cc(frames, y: torch.Tensor, steps: int = 2000, lr: float = 0.05,
     ``weight`` optionally weights voxels in the CC (resolution weighting).
     """
     block = frames.block()
-    theta = torch.zeros(frames.n_frames, dtype=block.re.dtype, device=block.re.device) if init_logits is None \
+    theta = torch.zeros(frames.n_frames, dtype=block.mean_re.dtype, device=block.mean_re.device) if init_logits is None \
         else init_logits.detach().clone()
     theta.requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)

@@ -203,6 +203,15 @@ class MDWeightsDataSource:
         labels stored with the frames, else one group.
     prior_weights : path, optional
         Prior weight per frame (CSV or .npy), the w0 of the Dirichlet prior (uniform when None).
+    low_rank : int, optional
+        For a frame store (``frames=store.h5``, see :mod:`physppl.io.frame_store`): compress the frames to this
+        rank over frames in one pass (:class:`~physppl.md_weights.streaming.LowRankFrames`, held in memory)
+        instead of streaming them exactly from disk at every step.
+    read_ahead : bool
+        For a frame store read exactly: read the next minibatch while the current one is computed.
+    check_store : bool
+        Read a frame store through once before fitting, so a block of NaN is named before any long run (one
+        sequential pass at disk speed); shapes, dtypes and missing chunks are checked on opening either way.
     """
 
     def __init__(
@@ -224,6 +233,9 @@ class MDWeightsDataSource:
         use_bragg: bool = True,
         simulate: dict | None = None,
         cache_dir: str | None = "~/.cache/physppl",
+        low_rank: int | None = None,
+        read_ahead: bool = True,
+        check_store: bool = True,
     ):
         if shell_weighting not in ("none", "equal"):
             raise ValueError(f"data.shell_weighting must be none or equal, got {shell_weighting!r}")
@@ -238,6 +250,18 @@ class MDWeightsDataSource:
         self.use_sigma, self.min_overlap, self.use_bragg = bool(use_sigma), float(min_overlap), bool(use_bragg)
         self.simulate = dict(simulate or {})
         self.cache_dir = cache_dir
+        if low_rank is not None and int(low_rank) < 1:
+            raise ValueError(f"data.low_rank must be a positive rank or null (exact), got {low_rank}")
+        self.low_rank = None if low_rank is None else int(low_rank)
+        self.read_ahead = bool(read_ahead)
+        self.check_store = bool(check_store)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the frames are a frame store, read a minibatch at a time (or compressed in one pass)."""
+        from physppl.io.frame_store import is_frame_store
+
+        return self.frames is not None and is_frame_store(self.frames)
 
     @property
     def inputs(self) -> tuple:
@@ -250,6 +274,22 @@ class MDWeightsDataSource:
         if self.frames is None:
             frames, diffuse, bragg, truth = self._simulated()
             return frames, "complex", diffuse, (bragg if self.use_bragg else None), truth
+        if self.streamed:
+            from physppl.io.frame_store import open_frame_store
+
+            unsupported = {"data.bragg": self.bragg, "data.labels=auto": self.labels == "auto" or None,
+                           "data.dmin": self.dmin, "data.hkl": self.hkl}
+            given = [k for k, v in unsupported.items() if v]
+            if given:
+                raise FrameInputError(f"{self.frames} is a frame store: {', '.join(given)} cannot be used with it "
+                                      "(the store's voxels are fixed when it is written; Bragg data need the in-memory "
+                                      "path)")
+            store = open_frame_store(self.frames)
+            diffuse = read_observed(self.observed, self.columns.get("intensity"), self.columns.get("sigma"))
+            if self.check_store and self.low_rank is None:  # (the low-rank build reads every row anyway)
+                log.info("checking %s (%.1f GB) for non-finite values", store.path, store.nbytes / 1e9)
+                log.info("frame store checked in %.1f s", store.scan())
+            return store, "store", diffuse, None, None
         frames, kind = read_frames(self.frames, hkl=self.hkl, kind=self.frames_kind,
                                    amplitude=self.columns.get("amplitude"), phase=self.columns.get("phase"))
         diffuse = read_observed(self.observed, self.columns.get("intensity"), self.columns.get("sigma"))
@@ -284,6 +324,8 @@ class MDWeightsDataSource:
     # -- preparation ---------------------------------------------------------------------------------
     def prepare(self, frames: FrameSet, kind: str, diffuse: ObservedTable, bragg: ObservedTable | None = None,
                 truth: dict | None = None, dtype=torch.float32) -> MDData:
+        if kind == "store":
+            return self._prepare_store(frames, diffuse, truth, dtype)
         sg = diffuse.spacegroup
         asu_hkl, index = asu_index(frames.hkl, sg)
         info = {"n_frames": int(frames.F.shape[0]), "n_frame_reflections": int(frames.F.shape[1]),
@@ -384,6 +426,67 @@ class MDWeightsDataSource:
         info["normalisation"] = {"x_scale": x_scale, "y_scale": a0, "y_shift": b0, "bragg_scale": bragg_scale}
         return MDData(ff, to_t(y_n), to_t(s_n), to_t(yb), to_t(sb), torch.as_tensor(shell, dtype=torch.long), edges,
                       hkl, dhkl, labels, names, tuple(diffuse.cell), sg, x_scale, a0, b0, bragg_scale, truth, info)
+
+    def _prepare_store(self, store, diffuse: ObservedTable, truth: dict | None, dtype) -> MDData:
+        """The observed data aligned to a frame store's voxels; frames streamed (or compressed), never loaded."""
+        import reciprocalspaceship as rs
+
+        from .streaming import LowRankFrames, StreamedFrames
+
+        if store.spacegroup.replace(" ", "") != diffuse.spacegroup.replace(" ", ""):
+            raise FrameInputError(f"{store.path}: the store's space group {store.spacegroup} differs from the observed "
+                                  f"data's {diffuse.spacegroup} ({self.observed})")
+        key = lambda h: (h[:, 0].astype(np.int64) * 4096 + h[:, 1]) * 4096 + h[:, 2]  # noqa: E731
+        asu, _ = rs.utils.hkl_to_asu(store.hkl, diffuse.spacegroup)
+        store_key, obs_key = key(asu.astype(np.int64) + 1024), key(diffuse.hkl.astype(np.int64) + 1024)
+        order = np.argsort(obs_key)
+        pos = np.searchsorted(obs_key[order], store_key)
+        found = (pos < len(order)) & (obs_key[order][np.minimum(pos, len(order) - 1)] == store_key)
+        if not found.all():
+            miss = np.where(~found)[0]
+            raise FrameInputError(
+                f"{self.observed}: {len(miss)} of the store's {store.n_voxels} voxels have no observed intensity "
+                f"(first: hkl {store.hkl[miss[0]].tolist()}); write the store from the same observed reflections "
+                f"({store.path})")
+        obs_rows = order[pos]
+        info = {"n_frames": store.n_frames, "n_frame_reflections": store.n_rows, "n_observed": int(len(diffuse.intensity)),
+                "n_matched": store.n_voxels, "spacegroup": diffuse.spacegroup, "n_frame_rows_used": store.n_rows,
+                "frames_store": str(store.path), "frames_store_gb": store.nbytes / 1e9}
+        if len(diffuse.intensity) > store.n_voxels:
+            log.warning("%d observed reflections are not in the store %s; fitting its %d voxels",
+                        len(diffuse.intensity) - store.n_voxels, store.path, store.n_voxels)
+        y = diffuse.intensity[obs_rows]
+        sigma = diffuse.sigma[obs_rows] if (diffuse.sigma is not None and self.use_sigma) else None
+        hkl = diffuse.hkl[obs_rows]
+        dhkl = _dhkl(hkl, diffuse.cell)
+        # x' of uniform weights is each row's variance over frames (stored with the rows), averaged over mates
+        counts = np.diff(store.offsets)
+        x_u = np.add.reduceat(store.row_variance, store.offsets[:-1]) / counts
+        x_scale = float(np.mean(x_u))
+        if not x_scale > 0:
+            raise FrameInputError(f"{store.path}: the frames' diffuse intensity is zero everywhere: all frames are identical")
+        x_rel = x_u / x_scale
+        a0 = float(np.std(y) / np.std(x_rel)) if np.std(y) > 0 and np.std(x_rel) > 0 else 1.0
+        b0 = float(np.mean(y) - a0 * np.mean(x_rel))
+        frames = StreamedFrames(store, scale=x_scale ** -0.5, dtype=dtype, read_ahead=self.read_ahead)
+        if self.low_rank is not None:
+            frames = LowRankFrames.from_stream(frames, rank=self.low_rank)
+            info.update({f"low_rank_{k}": v for k, v in frames.info.items()})
+            log.info("frames compressed to rank %d in %.1f s (%.2f GB read, %.2f GB held)", frames.rank,
+                     frames.info["build_s"], frames.info["build_read_gb"], frames.info["memory_gb"])
+        to_t = lambda a: None if a is None else torch.as_tensor(a, dtype=dtype)  # noqa: E731
+        shell, edges = resolution_shells(dhkl, min(self.n_shells, max(1, len(dhkl) // 20)))
+        if self.labels is not None:
+            labels, names = read_labels(self.labels, store.n_frames)
+        elif store.state is not None:
+            used, labels = np.unique(store.state, return_inverse=True)
+            labels, names = labels.astype(np.int64), [f"state{u}" for u in used]
+        else:
+            labels, names = np.zeros(store.n_frames, dtype=np.int64), ["state0"]
+        info["normalisation"] = {"x_scale": x_scale, "y_scale": a0, "y_shift": b0, "bragg_scale": 1.0}
+        return MDData(frames, to_t((y - b0) / a0), to_t(None if sigma is None else sigma / a0), None, None,
+                      torch.as_tensor(shell, dtype=torch.long), edges, hkl, dhkl, labels, names, tuple(diffuse.cell),
+                      diffuse.spacegroup, x_scale, a0, b0, 1.0, truth, info)
 
     def _labels(self, frames: FrameSet) -> tuple[np.ndarray, list[str]]:
         T = frames.F.shape[0]

@@ -4,7 +4,8 @@ Frames of a structure in conformational states (a built-in toy molecule, or a PD
 conformers A/B, e.g. 1AHO) with rigid-body and thermal jitter; structure factors by gemmi; observed diffuse and
 Bragg intensities of a known weighting plus noise. Output folder: ``frames.npz`` (or ``frames.npy`` +
 ``frames_hkl.npy``, ``frames.h5``, or ``frames/`` with one MTZ per frame), ``diffuse.mtz``, ``bragg.mtz``,
-``states.csv`` (state of each frame) and ``truth.json``.
+``states.csv`` (state of each frame) and ``truth.json``. With ``--store``: a synthetic trajectory of any size
+(:mod:`physppl.models.simulators.md_trajectory`) written as a frame store ``frames.h5`` for streaming.
 """
 from __future__ import annotations
 
@@ -73,6 +74,41 @@ def write_example(out: str | pathlib.Path, fmt: str = "npz", **settings) -> dict
     return {k: str(v) for k, v in paths.items()}
 
 
+def write_trajectory_store(out: str | pathlib.Path, block_voxels: int = 4096, progress: bool = False,
+                           **settings) -> dict:
+    """A synthetic trajectory at scale (``settings`` as
+    :class:`~physppl.models.simulators.md_trajectory.SyntheticTrajectory`) written as a frame store
+    ``frames.h5`` beside ``diffuse.mtz``, ``states.csv`` and ``truth.json``, in bounded memory (one block of
+    ``block_voxels`` voxels at a time). Returns the paths under the data config's names."""
+    import logging
+
+    from physppl.io.frame_store import FrameStoreWriter
+    from physppl.models.simulators.md_trajectory import SyntheticTrajectory
+
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sim = SyntheticTrajectory(**settings)
+    N = sim.n_voxels
+    y, sigma = np.empty(N), np.empty(N)
+    cell = (sim.cell_edge, sim.cell_edge, sim.cell_edge, 90.0, 90.0, 90.0)
+    with FrameStoreWriter(out / "frames.h5", sim.n_frames, sim.hkl, np.ones(N, dtype=np.int64), cell=cell,
+                          spacegroup="P 1", state=sim.labels) as writer:
+        for b in sim.blocks(block_voxels):
+            writer.append(b.re, b.im)
+            y[b.start:b.stop], sigma[b.start:b.stop] = b.y, b.sigma
+            if progress and (b.stop // block_voxels) % 25 == 0:
+                logging.getLogger(__name__).info("frame store: %d / %d voxels", b.stop, N)
+    paths = {"frames": str(out / "frames.h5")}
+    paths["observed"] = str(write_intensity_mtz(out / "diffuse.mtz", sim.hkl, {"I": (y, "Intensity"),
+                                                "SIGI": (sigma, "Stddev")}, cell, "P 1"))
+    states = "state\n" + "\n".join(sim.state_names[k] for k in sim.labels) + "\n"
+    atomic_write(out / "states.csv", lambda p: p.write_text(states))
+    write_json(out / "truth.json", {"state_masses": sim.state_masses.tolist(), "state_names": sim.state_names,
+                                    "scale": sim.scale, "offset": sim.offset, "n_frames": sim.n_frames,
+                                    "n_voxels": N})
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="physppl-make-frames", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder")
@@ -86,8 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bragg-noise", type=float, default=0.03)
     ap.add_argument("--format", choices=["npz", "npy", "h5", "mtz"], default="npz")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store", action="store_true",
+                    help="a synthetic trajectory at scale, written as a frame store (frames.h5) for streaming")
+    ap.add_argument("--n-voxels", type=int, default=100_000, help="with --store: observed voxels")
     args = ap.parse_args(argv)
     try:
+        if args.store:
+            masses = [m for m in args.state_masses if m > 0] if args.state_masses != [0.5, 0.5, 0.0] else [0.2, 0.5, 0.3]
+            paths = write_trajectory_store(args.out, n_frames=args.n_frames, n_voxels=args.n_voxels,
+                                           state_masses=masses, noise=args.noise, seed=args.seed, progress=True)
+            print(json.dumps(paths, indent=2))
+            return 0
         paths = write_example(args.out, args.format, structure=args.structure, n_frames=args.n_frames,
                               state_masses=args.state_masses, truth=args.truth, subset=args.subset, dmin=args.dmin,
                               noise=args.noise, bragg_noise=args.bragg_noise, seed=args.seed, progress=True)

@@ -48,6 +48,8 @@ def build_guide(factory: Callable, model, labels, init: dict | None) -> torch.nn
     return call_accepting(factory, model, groups=labels, **({} if init is None else {"init_values": init}))
 
 
-def initial_values(model, data: dict, steps: int = 300, lr: float = 0.05) -> dict[str, torch.Tensor]:
-    """MAP weights, scale and offset with the noise held at its prior median, then noise matched to the fit."""
-    return map_initial_values(model, steps=steps, lr=lr, **data)
+def initial_values(model, data: dict, steps: int = 300, lr: float = 0.05,
+                   subsample: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """MAP weights, scale and offset with the noise held at its prior median, then noise matched to the fit
+    (on the voxels ``subsample`` only, when given)."""
+    return map_initial_values(model, steps=steps, lr=lr, subsample=subsample, **data)

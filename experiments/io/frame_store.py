@@ -1,0 +1,252 @@
+"""A chunked HDF5 store of frame structure factors, laid out for streaming over observed voxels.
+
+MD trajectories of thousands of frames over 10^6 voxels do not fit in memory (5,000 x 10^6 complex float32 is 40
+GB). The store holds them voxel-major: rows are the P1 reflections behind each observed (asymmetric-unit) voxel,
+grouped by voxel and in the voxel order of the fit (shuffled once when written, so a contiguous range of voxels is
+a random sample), each row holding all T frames. A minibatch of voxels is then one contiguous read of whole chunks.
+HDF5 through h5py rather than zarr: h5py is already a dependency, and one file is easier to move than a tree.
+
+Layout (format ``physppl-frame-store``, version 1):
+
+* ``re``, ``im`` (R, T) float32, chunked ``(rows_per_chunk, T)``, fill value NaN (an unwritten chunk reads NaN);
+  ``im`` absent for real F.
+* ``offsets`` (N + 1,) int64: rows ``offsets[v]:offsets[v + 1]`` belong to voxel v.
+* ``hkl`` (N, 3) int32: the observed voxel's Miller index; ``row_variance`` (R,) float64: each row's variance over
+  frames (the uniform weighting's x'), written with the data so normalising needs no pass over the store.
+* optional ``state`` (T,) int64; attributes ``n_frames``, ``cell``, ``spacegroup``, ``complete`` (set last: a
+  store whose writer stopped part-way is refused).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frames import FrameInputError
+
+__all__ = ["FORMAT", "FrameStoreWriter", "FrameStore", "open_frame_store", "is_frame_store"]
+
+FORMAT = "physppl-frame-store"
+VERSION = 1
+PathLike = str | os.PathLike
+
+
+def is_frame_store(path: PathLike) -> bool:
+    """True when ``path`` is an HDF5 file written by :class:`FrameStoreWriter`."""
+    p = pathlib.Path(path)
+    if p.suffix not in (".h5", ".hdf5") or not p.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(p, "r") as fh:
+            return fh.attrs.get("format") == FORMAT
+    except OSError:
+        return False
+
+
+class FrameStoreWriter:
+    """Write a frame store block by block, voxel by voxel, without holding it in memory.
+
+    Parameters
+    ----------
+    path : path
+        The ``.h5`` file; written under a temporary name and renamed when closed complete (atomic).
+    n_frames, n_rows : int
+        T and R.
+    hkl : array (N, 3)
+        Miller index of each observed voxel, in the fit's order; ``counts`` (N,) rows per voxel.
+    complex_ : bool
+        Whether F has an imaginary part.
+    rows_per_chunk : int
+        Rows per HDF5 chunk; default: about 16 MB per chunk.
+    """
+
+    def __init__(self, path: PathLike, n_frames: int, hkl, counts, complex_: bool = True, cell=(1, 1, 1, 90, 90, 90),
+                 spacegroup: str = "P 1", state=None, rows_per_chunk: int | None = None):
+        import h5py
+
+        self.path = pathlib.Path(path)
+        counts = np.asarray(counts, dtype=np.int64)
+        hkl = np.asarray(hkl, dtype=np.int32)
+        if hkl.shape != (len(counts), 3):
+            raise ValueError(f"hkl must be (n_voxels, 3) = ({len(counts)}, 3), got {hkl.shape}")
+        if (counts < 1).any():
+            raise ValueError("every voxel needs at least one row")
+        self.n_frames, self.n_rows = int(n_frames), int(counts.sum())
+        self.rows_per_chunk = int(rows_per_chunk or max(1, min(self.n_rows, (16 << 20) // (4 * self.n_frames))))
+        self._tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._fh = h5py.File(self._tmp, "w")
+        self._fh.attrs.update({"format": FORMAT, "version": VERSION, "n_frames": self.n_frames,
+                               "cell": np.asarray(cell, float), "spacegroup": str(spacegroup), "complete": False})
+        shape, chunks = (self.n_rows, self.n_frames), (self.rows_per_chunk, self.n_frames)
+        names = ("re", "im") if complex_ else ("re",)
+        self._parts = {k: self._fh.create_dataset(k, shape=shape, dtype="f4", chunks=chunks, fillvalue=np.nan)
+                       for k in names}
+        self._fh.create_dataset("offsets", data=np.concatenate([[0], np.cumsum(counts)]))
+        self._fh.create_dataset("hkl", data=hkl)
+        self._variance = self._fh.create_dataset("row_variance", shape=(self.n_rows,), dtype="f8", fillvalue=np.nan)
+        if state is not None:
+            self._fh.create_dataset("state", data=np.asarray(state, dtype=np.int64))
+        self._next = 0
+
+    def append(self, re, im=None) -> None:
+        """The next rows, (rows, T) each; rows must not contain NaN or inf."""
+        re = np.asarray(re, dtype=np.float32)
+        n = re.shape[0]
+        if re.ndim != 2 or re.shape[1] != self.n_frames:
+            raise ValueError(f"append: expected (rows, {self.n_frames}), got {re.shape}")
+        if self._next + n > self.n_rows:
+            raise ValueError(f"append: {self._next + n} rows would exceed the store's {self.n_rows}")
+        var = re.astype(np.float64).var(axis=1)
+        blocks = {"re": re}
+        if "im" in self._parts:
+            if im is None:
+                raise ValueError("append: this store holds complex F; give im")
+            blocks["im"] = np.asarray(im, dtype=np.float32)
+            var += blocks["im"].astype(np.float64).var(axis=1)
+        for k, b in blocks.items():
+            if not np.isfinite(b).all():
+                row = self._next + int(np.argwhere(~np.isfinite(b))[0][0])
+                raise FrameInputError(f"{self.path}: non-finite structure factor in '{k}' at row {row}")
+            self._parts[k][self._next:self._next + n] = b
+        self._variance[self._next:self._next + n] = var
+        self._next += n
+
+    def close(self) -> pathlib.Path:
+        """Finish; the store appears under its name only if every row was written."""
+        complete = self._next == self.n_rows
+        self._fh.attrs["complete"] = complete
+        self._fh.close()
+        if not complete:
+            raise ValueError(f"{self.path}: only {self._next} of {self.n_rows} rows were written; the partial store "
+                             f"is left at {self._tmp}")
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def __enter__(self) -> "FrameStoreWriter":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class FrameStore:
+    """An open, validated frame store (see the module's layout); ``read(lo, hi)`` returns rows as float32 arrays."""
+
+    path: pathlib.Path
+    handle: object
+    n_frames: int
+    n_rows: int
+    n_voxels: int
+    offsets: np.ndarray
+    hkl: np.ndarray
+    row_variance: np.ndarray
+    state: np.ndarray | None
+    cell: tuple
+    spacegroup: str
+    rows_per_chunk: int
+    is_complex: bool
+
+    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows lo:hi of re and im; raises naming the rows and voxels if any value is not finite."""
+        out = []
+        for name in ("re", "im") if self.is_complex else ("re",):
+            block = self.handle[name][lo:hi]
+            if not np.isfinite(block).all():
+                bad = np.unique(np.argwhere(~np.isfinite(block))[:, 0]) + lo
+                vox = np.unique(np.searchsorted(self.offsets, bad, side="right") - 1)
+                raise FrameInputError(
+                    f"{self.path}: dataset '{name}' has non-finite values in rows {bad[0]}..{bad[-1]} ({len(bad)} rows; "
+                    f"voxels {vox[:5].tolist()}{' ...' if len(vox) > 5 else ''}, first hkl {self.hkl[vox[0]].tolist()}); "
+                    "rewrite the store from its source")
+            out.append(block)
+        return out[0], (out[1] if self.is_complex else None)
+
+    def scan(self, rows_per_read: int | None = None) -> float:
+        """Read every row once and raise on the first non-finite block (see :meth:`read`); returns the seconds it
+        took. One sequential pass: at disk speed, before any fit."""
+        import time
+
+        t0 = time.perf_counter()
+        step = rows_per_read or max(1, (256 << 20) // (4 * self.n_frames * self.rows_per_chunk)) * self.rows_per_chunk
+        for lo in range(0, self.n_rows, step):
+            self.read(lo, min(self.n_rows, lo + step))
+        return time.perf_counter() - t0
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_rows * self.n_frames * 4 * (2 if self.is_complex else 1)
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _fail(path, what: str) -> None:
+    raise FrameInputError(f"{path}: {what}")
+
+
+def open_frame_store(path: PathLike) -> FrameStore:
+    """Open and check a store before any work: format, shapes, dtypes, completeness and every chunk present."""
+    import h5py
+
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"frame store {str(p)!r} does not exist")
+    fh = h5py.File(p, "r")
+    try:
+        if fh.attrs.get("format") != FORMAT:
+            _fail(p, f"not a frame store (attribute format={fh.attrs.get('format')!r}, expected {FORMAT!r}); "
+                     "convert frames with physppl-make-frames --store")
+        if not bool(fh.attrs.get("complete", False)):
+            _fail(p, "the store is incomplete (its writer stopped before the last row); rewrite it")
+        for name in ("re", "offsets", "hkl", "row_variance"):
+            if name not in fh:
+                _fail(p, f"dataset '{name}' is missing; found {sorted(fh.keys())}")
+        T = int(fh.attrs["n_frames"])
+        re = fh["re"]
+        if re.ndim != 2 or re.shape[1] != T:
+            _fail(p, f"dataset 're' has shape {re.shape}, expected (rows, {T})")
+        R = re.shape[0]
+        is_complex = "im" in fh
+        for name in ("re", "im") if is_complex else ("re",):
+            d = fh[name]
+            if d.shape != (R, T):
+                _fail(p, f"dataset '{name}' has shape {d.shape}, expected ({R}, {T})")
+            if d.dtype != np.float32:
+                _fail(p, f"dataset '{name}' has dtype {d.dtype}, expected float32")
+            if d.chunks is None or d.chunks[1] != T:
+                _fail(p, f"dataset '{name}' must be chunked over rows with all {T} frames per chunk, got chunks {d.chunks}")
+            expected = -(-R // d.chunks[0])
+            written = d.id.get_num_chunks()
+            if written != expected:
+                have = {d.id.get_chunk_info(i).chunk_offset[0] for i in range(written)}
+                gone = [r for r in range(0, R, d.chunks[0]) if r not in have]
+                _fail(p, f"dataset '{name}' has {written} of {expected} chunks; missing rows "
+                         f"{gone[0]}..{min(R, gone[0] + d.chunks[0]) - 1}" + (f" and {len(gone) - 1} more chunks"
+                                                                             if len(gone) > 1 else ""))
+        offsets = fh["offsets"][()].astype(np.int64)
+        N = len(offsets) - 1
+        if N < 1 or offsets[0] != 0 or offsets[-1] != R or (np.diff(offsets) < 1).any():
+            _fail(p, f"dataset 'offsets' must rise from 0 to the {R} rows with every voxel non-empty")
+        hkl = fh["hkl"][()]
+        if hkl.shape != (N, 3):
+            _fail(p, f"dataset 'hkl' has shape {hkl.shape}, expected ({N}, 3)")
+        var = fh["row_variance"][()]
+        if var.shape != (R,) or not np.isfinite(var).all():
+            _fail(p, "dataset 'row_variance' must hold a finite value per row")
+        state = fh["state"][()].astype(np.int64) if "state" in fh else None
+        if state is not None and state.shape != (T,):
+            _fail(p, f"dataset 'state' has shape {state.shape}, expected ({T},)")
+        return FrameStore(p, fh, T, R, N, offsets, hkl.astype(np.int32), var, state,
+                          tuple(fh.attrs["cell"].tolist()), str(fh.attrs["spacegroup"]), int(re.chunks[0]), is_complex)
+    except Exception:
+        fh.close()
+        raise
