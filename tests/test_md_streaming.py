@@ -226,3 +226,47 @@ def test_engine_announces_each_next_minibatch():
     stream = _announced(iter([torch.tensor([k]) for k in range(4)]), heard.append)
     assert int(next(stream)) == 0 and [int(h) for h in heard] == [1]
     assert int(next(stream)) == 1 and [int(h) for h in heard] == [1, 2]
+
+
+@pytest.mark.parametrize("fmt", ["npz", "h5"])
+def test_converted_store_matches_the_in_memory_preparation(tmp_path, fmt):
+    """User frames stacked into a store (symmetry mates grouped by observed voxel, in the fit's order) give the
+    model the same voxels, observations, normalisation and frame blocks as the in-memory path."""
+    from physppl.md_weights.make_frames import convert_to_store, main, write_example
+
+    paths = write_example(tmp_path / "in", fmt, labels=[0, 0, 1, 1, 2, 2], truth="frames", dmin=5.0)
+    before = {p: open(p, "rb").read() for p in (paths["frames"], paths["observed"])}
+    assert main(["--convert", paths["frames"], "--observed", paths["observed"], str(tmp_path / "store.h5")]) == 0
+    assert {p: open(p, "rb").read() for p in before} == before  # inputs untouched
+    mem_src = MDWeightsDataSource(frames=paths["frames"], observed=paths["observed"], use_bragg=False)
+    disk_src = MDWeightsDataSource(frames=str(tmp_path / "store.h5"), observed=paths["observed"])
+    mem, disk = mem_src.prepare(*mem_src.load()), disk_src.prepare(*disk_src.load())
+    assert mem.n_voxels == disk.n_voxels and mem.info["n_frame_rows_used"] == disk.info["n_frame_rows_used"] > mem.n_voxels
+    np.testing.assert_array_equal(mem.hkl, disk.hkl)
+    torch.testing.assert_close(mem.y, disk.y)
+    assert disk.x_scale == pytest.approx(mem.x_scale, rel=1e-5)
+    idx = torch.arange(mem.n_voxels)
+    a, b = mem.frames.block(idx), disk.frames.block(idx)
+    torch.testing.assert_close(diffuse_intensity(torch.full((6,), 1 / 6), a),
+                               diffuse_intensity(torch.full((6,), 1 / 6), b), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="would overwrite an input"):
+        convert_to_store(paths["frames"], paths["observed"], paths["frames"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_streamed_and_low_rank_fits_run_on_the_gpu(small_store, tmp_path):
+    """``device=cuda``: blocks read from disk go to the GPU; the state masses agree with the CPU's."""
+    from physppl.md_weights.api import weigh_frames
+
+    out, paths, _ = small_store
+    masses = {}
+    for device in ("cpu", "cuda"):
+        for rank in (None, 24):
+            res = weigh_frames(paths["frames"], paths["observed"], labels=str(out / "states.csv"), low_rank=rank,
+                               device=device, engine=ENGINES["svi"].build(batch_size=None if rank else 400,
+                                                                         progress=False), n_draws=100)
+            assert res.metrics["device"].startswith(device)
+            masses[device, rank] = np.array(list(res.metrics["state_mass_mean"].values()))
+    for rank in (None, 24):
+        np.testing.assert_allclose(masses["cuda", rank], masses["cpu", rank], atol=0.01)

@@ -51,16 +51,21 @@ PUBLISHED_NPE = {"two_moons": (0.7251, 0.6064, 0.5417), "slcp": (0.9752, 0.9006,
 PUBLISHED_SNPE = {"two_moons": (0.6434, 0.5539, 0.5298), "slcp": (0.9652, 0.8445, 0.6656)}
 
 
-def _train_physppl(kind: str, prior, theta, x):
+def _train_physppl(kind: str, prior, theta, x, max_epochs=None):
     est = ESTIMATORS[kind].build()(prior=prior, x_dim=x.shape[1])
-    res = TRAINER.build(progress=False).fit(est, theta, x)
-    return est, res.wall_time, f"{res.epochs} epochs"
+    cap = {} if max_epochs is None else {"max_epochs": max_epochs}
+    res = TRAINER.build(progress=False, **cap).fit(est, theta, x)
+    return est, res.wall_time, _note(res.epochs, max_epochs)
 
 
-def _train_sbi(prior, theta, x):
+def _note(epochs: int, cap) -> str:
+    return f"{epochs} epochs" + (" (capped)" if cap is not None and epochs >= cap else "")
+
+
+def _train_sbi(prior, theta, x, max_epochs=None):
     # the beam benchmark's sbi runner (the same NPE defaults), on this task's prior box
-    sample, _, wall, note, _ = sbi_npe(theta, x, prior)
-    return sample, wall, note
+    sample, _, wall, note, _ = sbi_npe(theta, x, prior, max_epochs=max_epochs)
+    return sample, wall, _note(int(note.split()[0]), max_epochs)
 
 
 def run_task(name: str, refs: dict, args) -> list[dict]:
@@ -92,11 +97,11 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
         x = torch.as_tensor(refs["x_train"][:budget])
         torch.manual_seed(args.seed)
         if "sbi" in args.methods:
-            sample, wall, note = _train_sbi(prior, theta, x)
+            sample, wall, note = _train_sbi(prior, theta, x, args.max_epochs)
             score("sbi NPE (NSF)", budget, lambda k: sample(obs[k], args.draws), wall, note)
         if "npe" in args.methods or "refined" in args.methods:
             torch.manual_seed(args.seed)
-            est, wall, note = _train_physppl("nsf", prior, theta, x)
+            est, wall, note = _train_physppl("nsf", prior, theta, x, args.max_epochs)
             if "npe" in args.methods:
                 score("physppl NPE (NSF)", budget, lambda k: est.sample(obs[k], args.draws), wall, note)
             if "refined" in args.methods:
@@ -112,7 +117,7 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
                                 unreliable=sum(not o.reliable for o in infos))
         if "cinn" in args.methods:
             torch.manual_seed(args.seed)
-            est_c, wall, note = _train_physppl("cinn", prior, theta, x)
+            est_c, wall, note = _train_physppl("cinn", prior, theta, x, args.max_epochs)
             score("physppl cINN", budget, lambda k: est_c.sample(obs[k], args.draws), wall, note)
         if "apt" in args.methods and budget in args.apt_budgets:
             torch.manual_seed(args.seed)
@@ -174,6 +179,8 @@ def main() -> None:
     ap.add_argument("--n-obs", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5000, help="posterior and reference draws per observation for C2ST")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-epochs", type=int, default=None,
+                    help="cap every method's epochs (default: each its own stopping rule; the note says when hit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the rows here (after every row)")
     args = ap.parse_args()

@@ -80,7 +80,7 @@ def _mass_error(masses: dict) -> float:
     return max(abs(masses[f"state{k}"] - m) for k, m in enumerate(STATE_MASSES))
 
 
-def case_job(folder: Path, low_rank: int | None, threads: int, batch: int) -> dict:
+def case_job(folder: Path, low_rank: int | None, threads: int, batch: int, device: str = "cpu") -> dict:
     """The frame-weighting job on a store, in this process."""
     import logging
 
@@ -93,7 +93,7 @@ def case_job(folder: Path, low_rank: int | None, threads: int, batch: int) -> di
     t0 = time.perf_counter()
     result = weigh_frames(str(folder / "frames.h5"), str(folder / "diffuse.mtz"), labels=str(folder / "states.csv"),
                           low_rank=low_rank, engine=engine, threads=threads, check_store=False, cc_baseline=False,
-                          log_likelihood=False)
+                          log_likelihood=False, device=device)
     out = folder / ("run_low_rank" if low_rank else "run_exact")
     result.save(out)
     wall = time.perf_counter() - t0
@@ -150,7 +150,7 @@ def _child(args: list[str], log: Path) -> dict:
 
 
 def md_table(sizes: list[tuple[int, int]], workdir: Path, threads: int, batch: int, rank: int, keep: bool,
-             memory_gb: float, proto_steps: int, json_path: Path | None) -> list[dict]:
+             memory_gb: float, proto_steps: int, json_path: Path | None, device: str = "cpu") -> list[dict]:
     rows = []
 
     def add(row):
@@ -166,12 +166,12 @@ def md_table(sizes: list[tuple[int, int]], workdir: Path, threads: int, batch: i
         rate = disk_rate(Path(paths["frames"]))
         base = {"T": T, "N": N, "store_gb": size_gb}
         add({**base, "method": "disk", "read_gb_per_s": rate, "note": f"store written in {t_make:.0f} s" if t_make else ""})
-        exact = _child(["job", str(folder), "none", str(threads), str(batch)], folder / "exact.log")
+        exact = _child(["job", str(folder), "none", str(threads), str(batch), device], folder / "exact.log")
         if "svi_s" in exact:
             exact["read_gb_per_s"] = exact["svi_read_gb"] / exact["svi_s"]
             exact["read_vs_disk"] = exact["read_gb_per_s"] / rate
         add({**base, "method": "exact (streamed)", **exact})
-        low = _child(["job", str(folder), str(rank), str(threads), str(batch)], folder / "low_rank.log")
+        low = _child(["job", str(folder), str(rank), str(threads), str(batch), device], folder / "low_rank.log")
         add({**base, "method": f"low rank K={rank}", **low})
         need = T * N * 8 * 3 / 1e9  # complex64 F, |F|^2 and the autograd temporaries
         if need < memory_gb:
@@ -212,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=64, help="rank of the low-rank path")
     ap.add_argument("--memory-gb", type=float, default=16.0, help="largest in-memory prototype case to run")
     ap.add_argument("--prototype-steps", type=int, default=2000)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for the physppl jobs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.case:
         kind, *rest = args.case
         if kind == "job":
-            folder, rank, threads, batch = rest
-            row = case_job(Path(folder), None if rank == "none" else int(rank), int(threads), int(batch))
+            folder, rank, threads, batch, *device = rest
+            row = case_job(Path(folder), None if rank == "none" else int(rank), int(threads), int(batch),
+                           *device)
         else:
             folder, threads, steps = rest
             row = case_prototype(Path(folder), int(threads), int(steps))
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = md_table(sizes, workdir, args.threads, args.batch, args.rank, args.keep, args.memory_gb,
-                    args.prototype_steps, Path(args.json) if args.json else None)
+                    args.prototype_steps, Path(args.json) if args.json else None, args.device)
     print(f"\nMD frame weights at scale ({args.threads} threads; minibatches of {args.batch} voxels on the exact path; "
           f"state masses {STATE_MASSES})\n")
     print_md(rows)

@@ -326,48 +326,10 @@ class MDWeightsDataSource:
                 truth: dict | None = None, dtype=torch.float32) -> MDData:
         if kind == "store":
             return self._prepare_store(frames, diffuse, truth, dtype)
-        sg = diffuse.spacegroup
-        asu_hkl, index = asu_index(frames.hkl, sg)
-        info = {"n_frames": int(frames.F.shape[0]), "n_frame_reflections": int(frames.F.shape[1]),
-                "n_observed": int(len(diffuse.intensity)), "spacegroup": sg}
-        # observed voxel of every frame reflection, by joining on the ASU Miller index
+        match = self.match_voxels(frames, kind, diffuse)
+        info, obs_rows, hkl, dhkl, rows, row_voxel, F = (match[k] for k in ("info", "obs_rows", "hkl", "dhkl", "rows",
+                                                                             "row_voxel", "F"))
         key = lambda h: (h[:, 0].astype(np.int64) * 4096 + h[:, 1]) * 4096 + h[:, 2]  # noqa: E731
-        obs_key, frame_key = key(diffuse.hkl.astype(np.int64) + 1024), key(asu_hkl.astype(np.int64) + 1024)
-        covered = np.isin(obs_key, frame_key)
-        n_match = int(covered.sum())
-        info["n_matched"] = n_match
-        if n_match == 0:
-            raise FrameInputError(
-                f"no observed reflection is among the frames' reflections after mapping both to the asymmetric unit "
-                f"of {sg}: {len(obs_key)} observed (e.g. {diffuse.hkl[:3].tolist()}), {len(asu_hkl)} from the frames "
-                f"(e.g. {asu_hkl[:3].tolist()}). Check the space group and cell of {diffuse.path or 'the observed data'} "
-                f"and the frames' Miller indices.")
-        if n_match < self.min_overlap * len(obs_key):
-            raise FrameInputError(
-                f"only {n_match} of {len(obs_key)} observed reflections ({100 * n_match / len(obs_key):.1f}%) are "
-                f"among the frames' {len(asu_hkl)} asymmetric-unit reflections; below data.min_overlap="
-                f"{self.min_overlap}. Check resolution limits and indexing, or lower data.min_overlap to fit the overlap.")
-        if n_match < len(obs_key):
-            log.warning("%d of %d observed reflections have no frame structure factor; fitting the %d that do",
-                        len(obs_key) - n_match, len(obs_key), n_match)
-        # voxels in a fixed random order: a contiguous block of them is then a random sample (minibatches by slicing)
-        obs_rows = np.random.default_rng(0).permutation(np.where(covered)[0])
-        hkl = diffuse.hkl[obs_rows]
-        dhkl = _dhkl(hkl, diffuse.cell)
-        if self.dmin is not None:
-            keep = dhkl >= self.dmin
-            obs_rows, hkl, dhkl = obs_rows[keep], hkl[keep], dhkl[keep]
-            if len(obs_rows) == 0:
-                raise ValueError(f"no observed reflection left at data.dmin={self.dmin} A")
-        # frame rows -> observed voxel (rows whose ASU reflection is not observed are not needed)
-        pos = {k: i for i, k in enumerate(key(hkl.astype(np.int64) + 1024))}
-        voxel_of_asu = np.array([pos.get(k, -1) for k in frame_key])
-        row_voxel = voxel_of_asu[index]
-        rows = np.where(row_voxel >= 0)[0]
-        info["n_frame_rows_used"] = int(len(rows))
-        F = frames.F
-        if kind == "real" and np.iscomplexobj(F):
-            F = np.asarray(F).real
         ff = FrameFactors.from_stack(F, rows, row_voxel[rows], dtype=dtype)
         y = diffuse.intensity[obs_rows]
         sigma = diffuse.sigma[obs_rows] if (diffuse.sigma is not None and self.use_sigma) else None
@@ -425,7 +387,56 @@ class MDWeightsDataSource:
         labels, names = self._labels(frames)
         info["normalisation"] = {"x_scale": x_scale, "y_scale": a0, "y_shift": b0, "bragg_scale": bragg_scale}
         return MDData(ff, to_t(y_n), to_t(s_n), to_t(yb), to_t(sb), torch.as_tensor(shell, dtype=torch.long), edges,
-                      hkl, dhkl, labels, names, tuple(diffuse.cell), sg, x_scale, a0, b0, bragg_scale, truth, info)
+                      hkl, dhkl, labels, names, tuple(diffuse.cell), diffuse.spacegroup, x_scale, a0, b0, bragg_scale, truth, info)
+
+    def match_voxels(self, frames: FrameSet, kind: str, diffuse: ObservedTable) -> dict:
+        """Map the P1 frame reflections onto the observed asymmetric unit: the observed rows fitted (``obs_rows``, in
+        a fixed random order, with ``hkl`` and ``dhkl``), the frame columns used (``rows``) and the observed voxel of
+        every frame column (``row_voxel``, -1 when unobserved); checks the overlap."""
+        sg = diffuse.spacegroup
+        asu_hkl, index = asu_index(frames.hkl, sg)
+        info = {"n_frames": int(frames.F.shape[0]), "n_frame_reflections": int(frames.F.shape[1]),
+                "n_observed": int(len(diffuse.intensity)), "spacegroup": sg}
+        # observed voxel of every frame reflection, by joining on the ASU Miller index
+        key = lambda h: (h[:, 0].astype(np.int64) * 4096 + h[:, 1]) * 4096 + h[:, 2]  # noqa: E731
+        obs_key, frame_key = key(diffuse.hkl.astype(np.int64) + 1024), key(asu_hkl.astype(np.int64) + 1024)
+        covered = np.isin(obs_key, frame_key)
+        n_match = int(covered.sum())
+        info["n_matched"] = n_match
+        if n_match == 0:
+            raise FrameInputError(
+                f"no observed reflection is among the frames' reflections after mapping both to the asymmetric unit "
+                f"of {sg}: {len(obs_key)} observed (e.g. {diffuse.hkl[:3].tolist()}), {len(asu_hkl)} from the frames "
+                f"(e.g. {asu_hkl[:3].tolist()}). Check the space group and cell of {diffuse.path or 'the observed data'} "
+                f"and the frames' Miller indices.")
+        if n_match < self.min_overlap * len(obs_key):
+            raise FrameInputError(
+                f"only {n_match} of {len(obs_key)} observed reflections ({100 * n_match / len(obs_key):.1f}%) are "
+                f"among the frames' {len(asu_hkl)} asymmetric-unit reflections; below data.min_overlap="
+                f"{self.min_overlap}. Check resolution limits and indexing, or lower data.min_overlap to fit the overlap.")
+        if n_match < len(obs_key):
+            log.warning("%d of %d observed reflections have no frame structure factor; fitting the %d that do",
+                        len(obs_key) - n_match, len(obs_key), n_match)
+        # voxels in a fixed random order: a contiguous block of them is then a random sample (minibatches by slicing)
+        obs_rows = np.random.default_rng(0).permutation(np.where(covered)[0])
+        hkl = diffuse.hkl[obs_rows]
+        dhkl = _dhkl(hkl, diffuse.cell)
+        if self.dmin is not None:
+            keep = dhkl >= self.dmin
+            obs_rows, hkl, dhkl = obs_rows[keep], hkl[keep], dhkl[keep]
+            if len(obs_rows) == 0:
+                raise ValueError(f"no observed reflection left at data.dmin={self.dmin} A")
+        # frame rows -> observed voxel (rows whose ASU reflection is not observed are not needed)
+        pos = {k: i for i, k in enumerate(key(hkl.astype(np.int64) + 1024))}
+        voxel_of_asu = np.array([pos.get(k, -1) for k in frame_key])
+        row_voxel = voxel_of_asu[index]
+        rows = np.where(row_voxel >= 0)[0]
+        info["n_frame_rows_used"] = int(len(rows))
+        F = frames.F
+        if kind == "real" and np.iscomplexobj(F):
+            F = np.asarray(F).real
+        return {"info": info, "obs_rows": obs_rows, "hkl": hkl, "dhkl": dhkl, "rows": rows, "row_voxel": row_voxel,
+                "F": F}
 
     def _prepare_store(self, store, diffuse: ObservedTable, truth: dict | None, dtype) -> MDData:
         """The observed data aligned to a frame store's voxels; frames streamed (or compressed), never loaded."""

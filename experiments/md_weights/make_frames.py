@@ -5,7 +5,8 @@ conformers A/B, e.g. 1AHO) with rigid-body and thermal jitter; structure factors
 Bragg intensities of a known weighting plus noise. Output folder: ``frames.npz`` (or ``frames.npy`` +
 ``frames_hkl.npy``, ``frames.h5``, or ``frames/`` with one MTZ per frame), ``diffuse.mtz``, ``bragg.mtz``,
 ``states.csv`` (state of each frame) and ``truth.json``. With ``--store``: a synthetic trajectory of any size
-(:mod:`physppl.models.simulators.md_trajectory`) written as a frame store ``frames.h5`` for streaming.
+(:mod:`physppl.models.simulators.md_trajectory`) written as a frame store ``frames.h5`` for streaming. With
+``--convert FRAMES --observed MTZ OUT.h5``: user frames stacked once into a frame store.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from physppl.inference.outputs import atomic_write, write_json
 
 from .data import simulate_example
 
-__all__ = ["main", "write_example"]
+__all__ = ["main", "write_example", "write_trajectory_store", "convert_to_store"]
 
 
 def _write_h5(path: pathlib.Path, frames) -> None:
@@ -109,6 +110,42 @@ def write_trajectory_store(out: str | pathlib.Path, block_voxels: int = 4096, pr
     return paths
 
 
+def convert_to_store(frames: str | pathlib.Path, observed: str | pathlib.Path, out: str | pathlib.Path,
+                     block_bytes: int = 256 << 20, **options) -> pathlib.Path:
+    """Stack frames (a folder of per-frame MTZ, .npz, .npy or .h5 of shape (frames, reflections)) once into a frame
+    store ``out`` for streaming: their reflections mapped onto ``observed``'s asymmetric unit, grouped by observed
+    voxel in the fit's (shuffled) order. ``options`` as :class:`~physppl.md_weights.data.MDWeightsDataSource`
+    (``hkl``, ``frames_kind``, ``columns``, ``dmin``, ``min_overlap``). Reads a block of columns at a time (memory
+    maps and HDF5 are not loaded whole; a folder of MTZ is)."""
+    from physppl.io.frame_store import FrameStoreWriter
+
+    from .data import MDWeightsDataSource
+
+    out = pathlib.Path(out)
+    if out.resolve() in {pathlib.Path(frames).resolve(), pathlib.Path(observed).resolve()}:
+        raise ValueError(f"{out}: the store would overwrite an input")
+    source = MDWeightsDataSource(frames=str(frames), observed=str(observed), **options)
+    fs, kind, diffuse, _, _ = source.load()
+    match = source.match_voxels(fs, kind, diffuse)
+    rows, row_voxel, F = match["rows"], match["row_voxel"], match["F"]
+    voxel_of_row = row_voxel[rows]
+    order = np.argsort(voxel_of_row, kind="stable")
+    columns, voxels = rows[order], voxel_of_row[order]
+    counts = np.bincount(voxels, minlength=len(match["hkl"]))
+    T = int(F.shape[0])
+    step = max(1, block_bytes // (8 * T))
+    state = None if fs.state is None or not np.any(fs.state) else fs.state
+    with FrameStoreWriter(out, T, match["hkl"], counts, complex_=(kind == "complex"), cell=diffuse.cell,
+                          spacegroup=diffuse.spacegroup, state=state) as writer:
+        for a in range(0, len(columns), step):
+            cols = columns[a:a + step]
+            ascending = np.argsort(cols)
+            block = np.empty((T, len(cols)), dtype=np.complex64 if kind == "complex" else np.float32)
+            block[:, ascending] = np.asarray(F[:, np.sort(cols)])  # increasing indices: HDF5 and memory maps read in order
+            writer.append(block.real.T, block.imag.T if kind == "complex" else None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="physppl-make-frames", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="output folder")
@@ -117,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-masses", type=float, nargs=3, default=[0.5, 0.5, 0.0], metavar=("A", "B", "C"))
     ap.add_argument("--truth", choices=["states", "frames", "subset"], default="states")
     ap.add_argument("--subset", type=int, nargs=2, metavar=("FIRST", "STOP"))
-    ap.add_argument("--dmin", type=float, default=2.5)
+    ap.add_argument("--dmin", type=float, default=None, help="resolution limit in A (simulation default 2.5; "
+                    "--convert: none)")
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--bragg-noise", type=float, default=0.03)
     ap.add_argument("--format", choices=["npz", "npy", "h5", "mtz"], default="npz")
@@ -125,8 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", action="store_true",
                     help="a synthetic trajectory at scale, written as a frame store (frames.h5) for streaming")
     ap.add_argument("--n-voxels", type=int, default=100_000, help="with --store: observed voxels")
+    ap.add_argument("--convert", metavar="FRAMES", help="stack these frames (MTZ folder, .npz, .npy, .h5) into a "
+                    "frame store OUT for streaming, mapped onto --observed")
+    ap.add_argument("--observed", metavar="MTZ", help="with --convert: the observed diffuse intensities")
     args = ap.parse_args(argv)
     try:
+        if args.convert:
+            if not args.observed:
+                ap.error("--convert needs --observed MTZ (the voxels the store is laid out for)")
+            store = convert_to_store(args.convert, args.observed, args.out, dmin=args.dmin)
+            print(json.dumps({"frames": str(store), "observed": args.observed}, indent=2))
+            return 0
         if args.store:
             masses = [m for m in args.state_masses if m > 0] if args.state_masses != [0.5, 0.5, 0.0] else [0.2, 0.5, 0.3]
             paths = write_trajectory_store(args.out, n_frames=args.n_frames, n_voxels=args.n_voxels,
@@ -134,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(paths, indent=2))
             return 0
         paths = write_example(args.out, args.format, structure=args.structure, n_frames=args.n_frames,
-                              state_masses=args.state_masses, truth=args.truth, subset=args.subset, dmin=args.dmin,
+                              state_masses=args.state_masses, truth=args.truth, subset=args.subset,
+                              dmin=2.5 if args.dmin is None else args.dmin,
                               noise=args.noise, bragg_noise=args.bragg_noise, seed=args.seed, progress=True)
     except (ValueError, FileNotFoundError) as err:
         print(f"physppl-make-frames: error: {err}", file=sys.stderr)
