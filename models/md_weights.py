@@ -286,6 +286,9 @@ def effective_frames(w: torch.Tensor) -> torch.Tensor:
     return 1.0 / w.square().sum(-1)
 
 
+SEQUENTIAL_NORM_VOXELS = 1024
+
+
 class FrameWeightsModel(PyroModule):
     """Dirichlet frame weights, a scaled and offset diffuse prediction and a noise model per resolution shell.
 
@@ -332,7 +335,7 @@ class FrameWeightsModel(PyroModule):
     n_norm_voxels : int
         Size of the fixed random voxel set over which ``m(w)`` is averaged (all voxels when there are fewer), so
         minibatches see the same normaliser; for frames with ``sequential = True`` (streamed from disk, voxels
-        shuffled when stored) the first ``n_norm_voxels`` voxels.
+        shuffled when stored) the first ``min(n_norm_voxels, 1024)`` voxels.
     """
 
     def __init__(
@@ -393,8 +396,9 @@ class FrameWeightsModel(PyroModule):
         k = min(n, int(n_norm_voxels))
         if getattr(frames, "sequential", False):
             # frames read from disk in voxel order (already shuffled): the first k voxels are a random sample, read
-            # in one contiguous range (never all voxels at once, even when there are fewer)
-            norm = torch.arange(k)
+            # in one contiguous range (never all voxels at once, even when there are fewer); at most 1,024, since
+            # every step computes them beside its minibatch (any fixed set defines the scale equally well)
+            norm = torch.arange(min(k, SEQUENTIAL_NORM_VOXELS))
         elif k >= n:
             norm = None
         else:

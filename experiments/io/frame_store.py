@@ -61,7 +61,7 @@ class FrameStoreWriter:
     complex_ : bool
         Whether F has an imaginary part.
     rows_per_chunk : int
-        Rows per HDF5 chunk; default: about 16 MB per chunk.
+        Rows per HDF5 chunk; default: the power of two of at most 16 MB per chunk.
     """
 
     def __init__(self, path: PathLike, n_frames: int, hkl, counts, complex_: bool = True, cell=(1, 1, 1, 90, 90, 90),
@@ -76,7 +76,9 @@ class FrameStoreWriter:
         if (counts < 1).any():
             raise ValueError("every voxel needs at least one row")
         self.n_frames, self.n_rows = int(n_frames), int(counts.sum())
-        self.rows_per_chunk = int(rows_per_chunk or max(1, min(self.n_rows, (16 << 20) // (4 * self.n_frames))))
+        # a power of two near 16 MB, so minibatches of 2^k voxels (one row each) are whole chunks
+        fit = max(1, (16 << 20) // (4 * self.n_frames))
+        self.rows_per_chunk = int(rows_per_chunk or min(self.n_rows, 1 << (fit.bit_length() - 1)))
         self._tmp = self.path.with_name(f".{self.path.name}.partial")
         self._fh = h5py.File(self._tmp, "w")
         self._fh.attrs.update({"format": FORMAT, "version": VERSION, "n_frames": self.n_frames,
@@ -155,11 +157,38 @@ class FrameStore:
     rows_per_chunk: int
     is_complex: bool
 
+    chunk_offsets: dict | None = None  # dataset -> file byte offset of each chunk, when chunks are stored raw
+    _fd: int | None = None
+
+    def _read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi straight from the file: one ``os.preadv`` per chunk into the result (no GIL held, no copy).
+        h5py's chunked slicing reads these rows at about a sixth of the page cache's rate on this machine (measured
+        0.65 against 4 GB/s), which would leave the disk idle behind it; the layout comes from h5py's public chunk
+        index (``get_chunk_info``), so only uncompressed, unfiltered chunks are read this way."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        T, per = self.n_frames, self.rows_per_chunk
+        out = np.empty((hi - lo, T), dtype=np.float32)
+        flat = memoryview(out).cast("B")
+        row_bytes = 4 * T
+        offsets = self.chunk_offsets[name]
+        r = lo
+        while r < hi:
+            c = r // per
+            stop = min(hi, (c + 1) * per)
+            want = (stop - r) * row_bytes
+            start = (r - lo) * row_bytes
+            got = os.preadv(self._fd, [flat[start:start + want]], int(offsets[c]) + (r - c * per) * row_bytes)
+            if got != want:
+                raise FrameInputError(f"{self.path}: short read of '{name}' rows {r}..{stop - 1} ({got} of {want} bytes)")
+            r = stop
+        return out
+
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows lo:hi of re and im; raises naming the rows and voxels if any value is not finite."""
         out = []
         for name in ("re", "im") if self.is_complex else ("re",):
-            block = self.handle[name][lo:hi]
+            block = self._read_raw(name, lo, hi) if self.chunk_offsets else self.handle[name][lo:hi]
             if not np.isfinite(block).all():
                 bad = np.unique(np.argwhere(~np.isfinite(block))[:, 0]) + lo
                 vox = np.unique(np.searchsorted(self.offsets, bad, side="right") - 1)
@@ -186,7 +215,29 @@ class FrameStore:
         return self.n_rows * self.n_frames * 4 * (2 if self.is_complex else 1)
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.handle.close()
+
+
+def _raw_chunk_offsets(fh, names) -> dict | None:
+    """Byte offset of every chunk of each dataset, indexed by chunk number, when all are stored as raw
+    little-endian float32 (no compression or other filter); None otherwise (then h5py reads them)."""
+    out = {}
+    for name in names:
+        d = fh[name]
+        if d.compression or d.shuffle or d.fletcher32 or d.scaleoffset or d.dtype.str != "<f4":
+            return None
+        per = d.chunks[0]
+        offsets = np.empty(d.id.get_num_chunks(), dtype=np.int64)
+        for i in range(len(offsets)):
+            info = d.id.get_chunk_info(i)
+            if info.filter_mask:
+                return None
+            offsets[info.chunk_offset[0] // per] = info.byte_offset
+        out[name] = offsets
+    return out
 
 
 def _fail(path, what: str) -> None:
@@ -246,7 +297,8 @@ def open_frame_store(path: PathLike) -> FrameStore:
         if state is not None and state.shape != (T,):
             _fail(p, f"dataset 'state' has shape {state.shape}, expected ({T},)")
         return FrameStore(p, fh, T, R, N, offsets, hkl.astype(np.int32), var, state,
-                          tuple(fh.attrs["cell"].tolist()), str(fh.attrs["spacegroup"]), int(re.chunks[0]), is_complex)
+                          tuple(fh.attrs["cell"].tolist()), str(fh.attrs["spacegroup"]), int(re.chunks[0]), is_complex,
+                          _raw_chunk_offsets(fh, ("re", "im") if is_complex else ("re",)))
     except Exception:
         fh.close()
         raise
