@@ -29,6 +29,7 @@ from physppl.models.merging import LaueMergingModel, MergingModel
 from physppl.models.components.scale import initialize_scale
 
 from .data import MergingData, MergingDataSource, initial_estimates
+from .weighted_mean import ScaledWeightedMean
 from .parts import (check_parts, resolve_engine, resolve_error_model, resolve_guide, resolve_likelihood, resolve_prior,
                     resolve_scale)
 from .quality import half_dataset_cc, merged_table, reference_cc, true_amplitudes, truth_metrics
@@ -39,6 +40,19 @@ log = logging.getLogger(__name__)
 
 # what the runner's reliability warnings should advise, in this problem's options
 RELIABILITY_HINTS = {"not_converged": "raise the engine's max_steps (inference.max_steps on the command line)"}
+
+# batch_size="auto": full-batch SVI up to this many observations (every data set the tests and the built-in
+# simulation use: their results do not change), minibatches of AUTO_BATCH_SIZE observations above, so a step costs
+# the same for 10^6 or 10^7 observations (measured: experiments/benchmarks/scale_merging.py)
+AUTO_FULL_BATCH = 250_000
+AUTO_BATCH_SIZE = 32_768
+# the pointwise log-likelihood in posterior.nc is skipped (with a logged note) beyond this many values
+# (draws x observations; 50M float64 values = 400 MB in memory and on disk)
+MAX_LOG_LIKELIHOOD_VALUES = 50_000_000
+# observations per call when the learned scale of every observation is computed after the fit
+_SCALE_CHUNK = 1 << 20
+# points drawn in the per-observation scale figure (a random subset beyond)
+_MAX_PLOT_POINTS = 200_000
 
 OUTPUT_FILES = ("merged.mtz", "posterior.nc", "summary.csv", "metrics.json", "cc_half.csv", "losses.csv",
                 "wavelength_curve.csv",
@@ -174,9 +188,10 @@ class _Merger:
     """One fit of the merging model on one MergingData (the full data, or the half datasets)."""
 
     def __init__(self, model: Callable, scale, likelihood, error_model, guide, engine, device: torch.device,
-                 prior=None):
+                 prior=None, initial: ScaledWeightedMean | None = None):
         self.model_factory, self.scale, self.likelihood, self.error_model = model, scale, likelihood, error_model
         self.guide_factory, self.engine, self.device, self.prior = guide, engine, device, prior
+        self.initial = initial
         self.model: torch.nn.Module | None = None  # the last model fitted (its learned scale, curve, prior)
 
     def build(self, data: MergingData, init: pd.DataFrame) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
@@ -207,7 +222,7 @@ class _Merger:
     def run(self, data: MergingData, n_draws: int, workdir, engine=None) -> tuple[Fit, dict, np.ndarray | None]:
         """(fit, moments per reflection in the model's units, per-observation log-scale or None)."""
         engine = engine or self.engine
-        init = initial_estimates(data)
+        init = initial_estimates(data, self.initial)
         model, guide, kwargs = self.build(data, init)
         self.model = model
         fit = fit_model(model, guide, kwargs, engine, n_draws=n_draws, n_data=data.n_obs, sites=["F"], workdir=workdir)
@@ -219,8 +234,14 @@ class _Merger:
             moments = _moments_from_draws(fit.draws["F"])
         log_scale = fit.extras.get("obs_log_scale")
         if log_scale is None and getattr(model, "scale", None) is not None:
+            # in chunks: the scale network's activations for 10^7 observations at once would take gigabytes
+            n = data.n_obs
+            parts = []
             with torch.no_grad(), pyro.poutine.block():  # block: the scale's smoothness factor is no observation
-                log_scale = model.scale(kwargs["image"], kwargs["metadata"], kwargs["inv_d2"]).cpu().numpy()
+                for start in range(0, n, _SCALE_CHUNK):
+                    sl = slice(start, min(start + _SCALE_CHUNK, n))
+                    parts.append(model.scale(kwargs["image"][sl], kwargs["metadata"][sl], kwargs["inv_d2"][sl]).cpu())
+            log_scale = torch.cat(parts).numpy() if parts else np.zeros(0)
         return fit, moments, log_scale
 
 
@@ -240,6 +261,39 @@ def _halves_engine(engine, workdir):
     return halves
 
 
+def _minibatched(engine, n_obs: int, batch_size: int | str | None):
+    """The engine with ``batch_size`` observations per step when asked for (or, with ``"auto"``, when the data
+    are larger than :data:`AUTO_FULL_BATCH` and the engine was given none); engines without minibatches as
+    they are."""
+    if not hasattr(engine, "batch_size") or batch_size is None:
+        return engine
+    if batch_size == "auto":
+        if engine.batch_size is not None or n_obs <= AUTO_FULL_BATCH:
+            return engine
+        size = AUTO_BATCH_SIZE
+    elif isinstance(batch_size, str) or int(batch_size) < 1:
+        raise ValueError(f"merge: batch_size must be 'auto', None or a positive integer, got {batch_size!r}")
+    else:
+        size = int(batch_size)
+    if size >= n_obs:
+        return engine
+    out = copy.copy(engine)
+    out.batch_size = size
+    log.info("SVI on minibatches of %d of the %d observations (%.3g%% a step)", size, n_obs, 100.0 * size / n_obs)
+    return out
+
+
+def _log_likelihood_fits(n_draws: int, n_obs: int, limit: int | None) -> bool:
+    """Whether the pointwise log-likelihood (draws x observations) is within ``limit`` values; logs a note if not."""
+    n_values = int(n_draws) * int(n_obs)
+    if limit is None or n_values <= limit:
+        return True
+    log.warning("posterior.nc is written without the pointwise log-likelihood: %d draws x %d observations = %.3g "
+                "values (%.1f GB as float64) exceed max_log_likelihood_values=%d; az.loo needs it: lower n_draws "
+                "or raise max_log_likelihood_values", n_draws, n_obs, n_values, 8e-9 * n_values, limit)
+    return False
+
+
 def merge(
     data: str | os.PathLike | rs.DataSet | MergingDataSource | None = None,
     *,
@@ -252,6 +306,9 @@ def merge(
     engine: Any = "svi",
     n_draws: int = 200,
     log_likelihood: bool = True,
+    batch_size: int | str | None = "auto",
+    max_log_likelihood_values: int | None = MAX_LOG_LIKELIHOOD_VALUES,
+    initial_merge: ScaledWeightedMean | dict | None = None,
     free_r: float | str | None = None,
     seed: int = JobSettings.seed,
     threads: int | None = JobSettings.threads,
@@ -286,7 +343,19 @@ def merge(
     n_draws : int
         Posterior draws kept in ``posterior.nc``.
     log_likelihood : bool
-        Pointwise log-likelihood of every observation in ``posterior.nc`` (for ``az.loo``).
+        Pointwise log-likelihood of every observation in ``posterior.nc`` (for ``az.loo``); left out, with a
+        logged warning and ``metrics["log_likelihood"] = "skipped"``, when ``n_draws`` x observations exceed
+        ``max_log_likelihood_values`` (``None``: no limit).
+    batch_size : int, "auto" or None
+        Observations per SVI step. ``"auto"``: all of them up to :data:`AUTO_FULL_BATCH` observations (or the
+        engine's own ``batch_size``), random minibatches of :data:`AUTO_BATCH_SIZE` above, so the cost of a step
+        does not grow with the data (serial / XFEL data sets of 10^6-10^7 observations). ``None``: the engine's.
+    max_log_likelihood_values : int or None
+        See ``log_likelihood``.
+    initial_merge : ScaledWeightedMean or dict, optional
+        The conventional merge the guide and the scale start from (or its keyword arguments, e.g.
+        ``{"block_size": 1}`` for stills whose scales are independent image to image); default
+        ``ScaledWeightedMean()``.
     free_r : float, path or None
         Free-R flags in ``merged.mtz``: a fraction of new ones (``0.05``; Phenix convention, ``R-free-flags``),
         or an MTZ file whose flags are copied by Miller index (keep a data set's test set across merges).
@@ -305,6 +374,8 @@ def merge(
     free_r_file = free_r if isinstance(free_r, (str, os.PathLike)) else None
     if free_r_file is not None:
         check_free_r_file(free_r_file)  # before any work, not after the fit
+    if isinstance(initial_merge, dict):
+        initial_merge = ScaledWeightedMean(**initial_merge)
     settings = JobSettings(seed=seed, threads=threads, device=device, validate=validate)
     names = source.names or []
     outputs = OUTPUT_FILES + tuple(f"merged_{n}.mtz" for n in names)
@@ -312,11 +383,13 @@ def merge(
              outputs=outputs, hints=RELIABILITY_HINTS) as job:
         ds, truth = (given, None) if given is not None else source.load()
         data_ = source.prepare(ds)
+        del ds  # the observations live on in data_ (a 10^7-row DataSet is ~1 GB)
         reference = read_merged_mtz(source.reference, anomalous=data_.anomalous) if source.reference else None
         if data_.wavelength is not None and model is MergingModel:
             model = LaueMergingModel  # the Laue likelihood (wavelength curve, harmonics) for Laue data
         merger = _Merger(model, resolve_scale(scale), resolve_likelihood(likelihood), resolve_error_model(error_model),
-                         resolve_guide(guide), resolve_engine(engine), job.device, prior=resolve_prior(prior))
+                         resolve_guide(guide), _minibatched(resolve_engine(engine), data_.n_obs, batch_size),
+                         job.device, prior=resolve_prior(prior), initial=initial_merge)
         log.info("data: %d observations of %d reflections on %d images (%s)", data_.n_obs, data_.n_refl,
                  data_.n_images, ", ".join(source.inputs) or "simulated")
         fit, moments, log_scale = merger.run(data_, n_draws, workdir)
@@ -327,14 +400,20 @@ def merge(
 
         coords, extra = refl_coordinates(data_)
         f_units = float(np.sqrt(data_.norm))
+        with_loglik = bool(log_likelihood) and fit.model is not None and \
+            _log_likelihood_fits(fit.n_chains * fit.n_draws, data_.n_obs, max_log_likelihood_values)
         idata = to_inference_data(
-            fit, log_likelihood=log_likelihood, coords=coords, dim_coords=extra,
+            fit, log_likelihood=with_loglik, coords=coords, dim_coords=extra, max_log_likelihood_values=None,
             rescale={"F": Rescale(f_units), "I": Rescale(data_.norm)},
             attrs={"units": "F in the file's amplitude units (sqrt of its intensity units), I in its intensity units"})
         summary = summarize(idata, var_names=["F"])
 
         metrics: dict = {"n_obs": data_.n_obs, "n_refl": data_.n_refl, "n_images": data_.n_images,
                          "intensity_norm": data_.norm, **fit.info}
+        if getattr(merger.engine, "batch_size", None) is not None:
+            metrics["batch_size"] = int(merger.engine.batch_size)
+        if log_likelihood and fit.model is not None and not with_loglik:
+            metrics["log_likelihood"] = "skipped"
         shells = None
         if source.half_datasets:
             pyro.set_rng_seed(job.seed + 1)  # the half-dataset fit's draws do not depend on how long the main fit ran
@@ -387,7 +466,11 @@ def merge(
                 counts = np.maximum(np.bincount(img, minlength=data_.n_images), 1)
                 per_image = np.bincount(img, weights=k, minlength=data_.n_images) / counts
                 images = data_.batch_values if data_.n_datasets == 1 else np.arange(data_.n_images)
-                plots.plot_scales(images, per_image, data_.inv_d2.numpy(), k, out / "scale.png")
+                inv_d2 = data_.inv_d2.numpy()
+                if len(k) > _MAX_PLOT_POINTS:  # a random subset of the points: the figure looks the same
+                    pick = np.random.default_rng(0).choice(len(k), _MAX_PLOT_POINTS, replace=False)
+                    inv_d2, k = inv_d2[pick], k[pick]
+                plots.plot_scales(images, per_image, inv_d2, k, out / "scale.png")
             curve = getattr(fitted, "lambda_curve", None)
             if curve is not None:
                 lam, rel = curve.curve()

@@ -21,7 +21,8 @@ _FROM_DATA = ("centric", "epsilon", "sigma_n", "n_images", "n_features", "datase
 
 def register(cs: ConfigStore, problem_node) -> None:
     cs.store(group="problem", name="merging", package="_global_",
-             node=problem_node("physppl.merging.api.task", merge, ("n_draws", "log_likelihood", "free_r")))
+             node=problem_node("physppl.merging.api.task", merge, ("n_draws", "log_likelihood", "batch_size",
+                                                                 "max_log_likelihood_values", "free_r")))
     cs.store(group="problem", name="difference_map", package="_global_", node=problem_node(
         "physppl.merging.difference_map.task", difference_map,
         ("merged", "phases", "names", "columns", "weighting", "alpha", "dmin", "dmax", "compare_model", "site",

@@ -38,6 +38,12 @@ SCALES: dict[str, Preset] = {
     "mlp_image": Preset(CompositeScale, partial=True, exclude=_DATA_SIZES,
                         parts=[Preset(MLPScale, partial=True, exclude=_DATA_SIZES),
                                Preset(ImageScale, partial=True, exclude=_DATA_SIZES)]),
+    # serial (XFEL) stills: the MLP on metadata (partiality from the Ewald offset, absorption) times a scale and a
+    # B factor per shot, independent from shot to shot (a loose tie only: a shot's pulse is not its neighbour's)
+    "mlp_shot": Preset(CompositeScale, partial=True, exclude=_DATA_SIZES,
+                       parts=[Preset(MLPScale, partial=True, exclude=_DATA_SIZES),
+                              Preset(ImageScale, partial=True, exclude=_DATA_SIZES, smoothness=10.0, b_factor=True,
+                                     b_smoothness=100.0)]),
     "mlp": Preset(MLPScale, partial=True, exclude=_DATA_SIZES),
     "image": Preset(ImageScale, partial=True, exclude=_DATA_SIZES),
     "image_b": Preset(ImageScale, partial=True, exclude=_DATA_SIZES, b_factor=True),
