@@ -89,7 +89,8 @@ def case_job(folder: Path, low_rank: int | None, threads: int, batch: int, devic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     _drop_cache(folder / "frames.h5")
-    engine = ENGINES["svi"].build(progress=False, **({} if low_rank is not None else {"batch_size": batch}))
+    # minibatches on both paths: N x K per step on the low-rank path is still N (10^6) times 3 K per particle
+    engine = ENGINES["svi"].build(progress=False, batch_size=batch)
     t0 = time.perf_counter()
     result = weigh_frames(str(folder / "frames.h5"), str(folder / "diffuse.mtz"), labels=str(folder / "states.csv"),
                           low_rank=low_rank, engine=engine, threads=threads, check_store=False, cc_baseline=False,
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-gb", type=float, default=16.0, help="largest in-memory prototype case to run")
     ap.add_argument("--prototype-steps", type=int, default=2000)
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for the physppl jobs")
+    ap.add_argument("--merging", action="store_true", help="merging at scale (experiments/benchmarks/scale_merging.py)")
+    ap.add_argument("--merging-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.case:
@@ -226,16 +229,26 @@ def main(argv: list[str] | None = None) -> int:
             row = case_prototype(Path(folder), int(threads), int(steps))
         print(json.dumps(row))
         return 0
-    if not args.md:
-        ap.error("choose --md")
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+    if not (args.md or args.merging):
+        ap.error("choose --md and/or --merging")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = md_table(sizes, workdir, args.threads, args.batch, args.rank, args.keep, args.memory_gb,
-                    args.prototype_steps, Path(args.json) if args.json else None, args.device)
-    print(f"\nMD frame weights at scale ({args.threads} threads; minibatches of {args.batch} voxels on the exact path; "
-          f"state masses {STATE_MASSES})\n")
-    print_md(rows)
+    json_path = Path(args.json) if args.json else None
+    if args.md:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes]
+        rows = md_table(sizes, workdir, args.threads, args.batch, args.rank, args.keep, args.memory_gb,
+                        args.prototype_steps, json_path, args.device)
+        print(f"\nMD frame weights at scale ({args.threads} threads; minibatches of {args.batch} voxels on the exact "
+              f"path; state masses {STATE_MASSES})\n")
+        print_md(rows)
+    if args.merging:
+        sys.path.insert(0, str(HERE))
+        import scale_merging  # noqa: E402 (this folder's merging half of the benchmark)
+
+        merged = scale_merging.merging_table(args.merging_sizes, args.threads, workdir / "merging",
+                                             json_path.with_name(json_path.stem + "_merging.json") if json_path else None)
+        print("\nMerging at scale\n")
+        scale_merging.print_table(merged)
     return 0
 
 

@@ -97,8 +97,8 @@ def _state_coordinate(idata, data: MDData):
 
 
 # streamed frames: voxels of the MAP start (a random sample: stored voxels are shuffled), and of a minibatch when
-# the engine has none (about 160 MB of float32 at 5,000 frames)
-WARM_START_VOXELS = 16384
+# the engine has none (about 160 MB of float32 each at 5,000 frames)
+WARM_START_VOXELS = 4096
 STREAM_BATCH_VOXELS = 4096
 
 
