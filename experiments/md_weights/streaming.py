@@ -112,6 +112,12 @@ class StreamedFrames:
         self.stats.add(re.nbytes + (0 if im is None else im.nbytes), time.perf_counter() - t0)
         return re, im
 
+    def _load(self, lo: int, hi: int):
+        """Rows lo:hi in model units, centred, with their |F|^2: (re, mean_re, im, mean_im, power). Run in the
+        reader thread for an announced minibatch, so centring and squaring overlap the step as well as the read
+        (torch releases the GIL in its kernels)."""
+        return _centre(*self._read(lo, hi), self.scale, self.dtype, self.device)
+
     def _range(self, idx: torch.Tensor) -> tuple[int, int] | None:
         first, last = int(idx[0]), int(idx[-1])
         if last - first + 1 == len(idx) and bool((idx[1:] > idx[:-1]).all()):
@@ -130,7 +136,7 @@ class StreamedFrames:
             return
         while len(self._pending) >= MAX_PENDING:  # announced but never used: drop the oldest
             self._pending.popitem(last=False)[1].cancel()
-        self._pending[(lo, hi)] = self._pool.submit(self._read, lo, hi)
+        self._pending[(lo, hi)] = self._pool.submit(self._load, lo, hi)
 
     def _rows(self, lo: int, hi: int):
         future = self._pending.pop((lo, hi), None)
@@ -140,7 +146,7 @@ class StreamedFrames:
             self.stats.wait_s += time.perf_counter() - t0
             return arrays
         t0 = time.perf_counter()
-        arrays = self._read(lo, hi)
+        arrays = self._load(lo, hi)
         self.stats.wait_s += time.perf_counter() - t0
         return arrays
 
@@ -156,16 +162,13 @@ class StreamedFrames:
             lo, hi = int(self.offsets[span[0]]), int(self.offsets[span[1]])
             if self._last is not None and self._last[0] == (lo, hi):
                 return self._last[1]
-            re, im = self._rows(lo, hi)
+            re_c, mean_re, im_c, mean_im, power = self._rows(lo, hi)
             counts = self.count[span[0]:span[1]]
-        else:  # e.g. a random normalisation set: one read per run of consecutive voxels
-            parts, counts = [], self.count[idx]
+        else:  # e.g. a random normalisation set: one read per run of consecutive voxels (rows centre independently)
+            counts = self.count[idx]
             runs = np.split(idx.numpy(), np.where(np.diff(idx.numpy()) != 1)[0] + 1)
-            for run in runs:
-                parts.append(self._rows(int(self.offsets[run[0]]), int(self.offsets[run[-1] + 1])))
-            re = np.concatenate([p[0] for p in parts])
-            im = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
-        re_c, mean_re, im_c, mean_im, power = _centre(re, im, self.scale, self.dtype, self.device)
+            parts = [self._rows(int(self.offsets[run[0]]), int(self.offsets[run[-1] + 1])) for run in runs]
+            re_c, mean_re, im_c, mean_im, power = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
         local = torch.repeat_interleave(torch.arange(len(counts)), counts).to(self.device)
         block = FrameBlock(re_c, im_c, power, mean_re, mean_im, local, counts.to(self.device))
         if span is not None:
