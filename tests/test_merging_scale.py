@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import physppl  # noqa: F401
 from physppl.merging import api
 from physppl.merging.api import merge
 from physppl.merging.data import MergingDataSource, prepare, unique_rows
@@ -108,3 +107,38 @@ def test_log_likelihood_skipped_with_a_note(tmp_path, caplog):
     assert "log_likelihood" not in idata.groups()
     assert idata.posterior["F"].shape[-1] == res.metrics["n_refl"]
     assert idata.observed_data["I"].shape[-1] == 20_000
+
+
+def _scale_merging():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "scale_merging.py"
+    spec = importlib.util.spec_from_file_location("scale_merging", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_careless_anchor_input_rate_and_table(tmp_path, capsys):
+    """The careless anchor's pieces that need no careless: its unmerged MTZ (the data set physppl merges, the
+    metadata columns careless reads), the rate from a stopped run's progress bar, and the printed table."""
+    import reciprocalspaceship as rs
+
+    sm = _scale_merging()
+    unmerged, truth_path = sm.write_careless_input(3000, tmp_path, seed=4)
+    ds, truth = rs.read_mtz(str(unmerged)), rs.read_mtz(str(truth_path))
+    sim, sim_truth = simulate_xfel(n_obs=3000, seed=4)
+    assert {"BATCH", "I", "SIGI", "XDET", "YDET", "EWALD_OFFSET"} <= set(ds.columns) and len(ds) == 3000
+    np.testing.assert_allclose(ds["I"].to_numpy(float), sim["I"].to_numpy(float))
+    assert len(truth) == len(sim_truth) and "F" in truth.columns
+    log = tmp_path / "careless.log"
+    log.write_text("Training:  5%|| 50/1000 [01:40<31:40, 2.00s/it]\rTraining:  6%|| 60/1000 [02:00<31:20, 2.00s/it]")
+    assert sm._progress_rate(log) == (60, 2.0)
+    assert sm._progress_rate(tmp_path / "missing.log")[0] == 0
+    rows = [{"n_obs": 10**5, "wall_s": 40.0, "s_per_step": 0.08, "steps": 2000, "peak_gb": 1.0},
+            {"n_obs": 10**6, "wall_s": 350.0, "s_per_step": 0.08, "steps": 2000, "peak_gb": 3.0},
+            {"method": "careless", "n_obs": 10**6, "wall_s": 900.0, "s_per_step": 4.0, "steps": 200}]
+    sm.print_table(rows)
+    out = capsys.readouterr().out
+    assert "fitted exponent of wall_s" in out and "| careless | 1000000 |" in out

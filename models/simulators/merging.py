@@ -32,6 +32,30 @@ def _check_real(name: str, value, low: float, high: float = math.inf,
     return float(value)
 
 
+def _truth_dataset(H, f_plus, f_minus, centric, eps, d, n_obs, sg, gcell) -> "rs.DataSet":
+    """The ground truth table of the simulators: one row per Friedel-merged ASU ``H, K, L`` with ``F`` (the mean
+    of ``F(+)`` and ``F(-)``), ``F(+)``, ``F(-)``, ``I_TRUE``, ``CENTRIC``, ``EPSILON``, ``dHKL`` and ``N_OBS``."""
+    f_mean = 0.5 * (f_plus + f_minus)
+    return rs.DataSet(
+        {
+            "H": rs.DataSeries(H[:, 0], dtype="HKL"),
+            "K": rs.DataSeries(H[:, 1], dtype="HKL"),
+            "L": rs.DataSeries(H[:, 2], dtype="HKL"),
+            "F": rs.DataSeries(f_mean, dtype="SFAmplitude"),
+            "F(+)": rs.DataSeries(f_plus, dtype="FriedelSFAmplitude"),
+            "F(-)": rs.DataSeries(f_minus, dtype="FriedelSFAmplitude"),
+            "I_TRUE": rs.DataSeries(f_mean**2, dtype="Intensity"),
+            "CENTRIC": centric,
+            "EPSILON": rs.DataSeries(eps, dtype="MTZInt"),
+            "dHKL": rs.DataSeries(d, dtype="MTZReal"),
+            "N_OBS": rs.DataSeries(n_obs, dtype="MTZInt"),
+        },
+        spacegroup=sg,
+        cell=gcell,
+        merged=True,
+    ).set_index(["H", "K", "L"])
+
+
 def simulate_unmerged(
     spacegroup: str = "P 43 21 2",
     cell: tuple[float, ...] = (79.3, 79.3, 37.8, 90.0, 90.0, 90.0),
@@ -199,24 +223,7 @@ def simulate_unmerged(
         merged=False,
     ).set_index(["H", "K", "L"])
 
-    truth = rs.DataSet(
-        {
-            "H": rs.DataSeries(H[:, 0], dtype="HKL"),
-            "K": rs.DataSeries(H[:, 1], dtype="HKL"),
-            "L": rs.DataSeries(H[:, 2], dtype="HKL"),
-            "F": rs.DataSeries(0.5 * (f_plus + f_minus), dtype="SFAmplitude"),
-            "F(+)": rs.DataSeries(f_plus, dtype="FriedelSFAmplitude"),
-            "F(-)": rs.DataSeries(f_minus, dtype="FriedelSFAmplitude"),
-            "I_TRUE": rs.DataSeries((0.5 * (f_plus + f_minus)) ** 2, dtype="Intensity"),
-            "CENTRIC": centric,
-            "EPSILON": rs.DataSeries(eps, dtype="MTZInt"),
-            "dHKL": rs.DataSeries(d, dtype="MTZReal"),
-            "N_OBS": rs.DataSeries(n_obs, dtype="MTZInt"),
-        },
-        spacegroup=sg,
-        cell=gcell,
-        merged=True,
-    ).set_index(["H", "K", "L"])
+    truth = _truth_dataset(H, f_plus, f_minus, centric, eps, d, n_obs, sg, gcell)
     return unmerged, truth
 
 
@@ -356,22 +363,5 @@ def simulate_xfel(
         merged=False,
     ).set_index(["H", "K", "L"])
     n_seen = np.bincount(refl, minlength=n_refl)
-    truth = rs.DataSet(
-        {
-            "H": rs.DataSeries(H[:, 0], dtype="HKL"),
-            "K": rs.DataSeries(H[:, 1], dtype="HKL"),
-            "L": rs.DataSeries(H[:, 2], dtype="HKL"),
-            "F": rs.DataSeries(0.5 * (f_plus + f_minus), dtype="SFAmplitude"),
-            "F(+)": rs.DataSeries(f_plus, dtype="FriedelSFAmplitude"),
-            "F(-)": rs.DataSeries(f_minus, dtype="FriedelSFAmplitude"),
-            "I_TRUE": rs.DataSeries((0.5 * (f_plus + f_minus)) ** 2, dtype="Intensity"),
-            "CENTRIC": centric,
-            "EPSILON": rs.DataSeries(eps, dtype="MTZInt"),
-            "dHKL": rs.DataSeries(d, dtype="MTZReal"),
-            "N_OBS": rs.DataSeries(n_seen, dtype="MTZInt"),
-        },
-        spacegroup=sg,
-        cell=gcell,
-        merged=True,
-    ).set_index(["H", "K", "L"])
+    truth = _truth_dataset(H, f_plus, f_minus, centric, eps, d, n_seen, sg, gcell)
     return unmerged, truth
