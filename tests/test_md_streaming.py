@@ -28,7 +28,7 @@ def small_store(tmp_path_factory):
     return out, paths, sim
 
 
-def _engine(steps=250):
+def _engine(steps=120):
     return ENGINES["svi"].build(max_steps=steps, min_steps=steps, batch_size=400, batch_order="blocks",
                                 checkpoint_every=0, progress=False)
 
@@ -70,7 +70,7 @@ def test_streamed_fit_equals_in_memory_fit(small_store):
     twin.offsets = torch.cat([full.count.new_zeros(1), full.count.cumsum(0)])
     twin.n_voxels, twin.n_frames, twin.sequential = store.n_voxels, store.n_frames, True
     w_disk, w_mem = _fit(data.frames, data), _fit(twin, data)
-    assert data.frames.stats.bytes > 40 * store.nbytes  # 250 minibatches of a fifth of the store
+    assert data.frames.stats.bytes > 20 * store.nbytes  # 120 minibatches of a fifth of the store
     np.testing.assert_allclose(w_disk, w_mem, rtol=1e-5, atol=1e-7)
 
 
@@ -103,7 +103,8 @@ def test_command_line_low_rank_run(small_store, tmp_path):
         cfg = compose("config", overrides=["+experiment=md_weights", f"data.frames={paths['frames']}",
                                            f"data.observed={paths['observed']}", f"data.labels={out / 'states.csv'}",
                                            "data.low_rank=24", "inference.progress=false", "cc_steps=200",
-                                           "n_draws=100"])
+                                           "n_draws=100", "inference.max_steps=400", "inference.min_steps=100",
+                                           "warm_start_steps=150"])
     metrics = run(cfg, tmp_path)
     assert metrics["low_rank_rank"] == 24 and 0 < metrics["low_rank_x_error_mean_rel"] < 0.05
     assert metrics["low_rank_x_error_max_rel"] <= metrics["low_rank_x_error_bound_max_rel"]
