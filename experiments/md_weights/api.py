@@ -107,7 +107,7 @@ def stream_engine(engine, data: MDData):
     when its settings must change."""
     import copy
 
-    if getattr(engine, "batch_size", "none") == "none":
+    if not hasattr(engine, "batch_size"):
         return engine  # an engine that does not minibatch (NUTS) reads through the store at every evaluation
     if engine.batch_size is not None and engine.batch_order == "blocks":
         return engine

@@ -141,7 +141,8 @@ def convert_to_store(frames: str | pathlib.Path, observed: str | pathlib.Path, o
             cols = columns[a:a + step]
             ascending = np.argsort(cols)
             block = np.empty((T, len(cols)), dtype=np.complex64 if kind == "complex" else np.float32)
-            block[:, ascending] = np.asarray(F[:, np.sort(cols)])  # increasing indices: HDF5 and memory maps read in order
+            # increasing indices: HDF5 and memory maps read in order
+            block[:, ascending] = np.asarray(F[:, np.sort(cols)])
             writer.append(block.real.T, block.imag.T if kind == "complex" else None)
     return out
 
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output folder")
     ap.add_argument("--structure", help="PDB/mmCIF with alternate conformers A/B (default: built-in toy molecule)")
     ap.add_argument("--n-frames", type=int, default=90)
-    ap.add_argument("--state-masses", type=float, nargs=3, default=[0.5, 0.5, 0.0], metavar=("A", "B", "C"))
+    ap.add_argument("--state-masses", type=float, nargs=3, default=None, metavar=("A", "B", "C"),
+                    help="true state masses (default 0.5 0.5 0; with --store 0.2 0.5 0.3)")
     ap.add_argument("--truth", choices=["states", "frames", "subset"], default="states")
     ap.add_argument("--subset", type=int, nargs=2, metavar=("FIRST", "STOP"))
     ap.add_argument("--dmin", type=float, default=None, help="resolution limit in A (simulation default 2.5; "
@@ -175,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"frames": str(store), "observed": args.observed}, indent=2))
             return 0
         if args.store:
-            masses = [m for m in args.state_masses if m > 0] if args.state_masses != [0.5, 0.5, 0.0] else [0.2, 0.5, 0.3]
-            paths = write_trajectory_store(args.out, n_frames=args.n_frames, n_voxels=args.n_voxels,
-                                           state_masses=masses, noise=args.noise, seed=args.seed, progress=True)
+            masses = {} if args.state_masses is None else {"state_masses": args.state_masses}
+            paths = write_trajectory_store(args.out, n_frames=args.n_frames, n_voxels=args.n_voxels, noise=args.noise,
+                                           seed=args.seed, progress=True, **masses)
             print(json.dumps(paths, indent=2))
             return 0
         paths = write_example(args.out, args.format, structure=args.structure, n_frames=args.n_frames,
-                              state_masses=args.state_masses, truth=args.truth, subset=args.subset,
+                              state_masses=args.state_masses or [0.5, 0.5, 0.0], truth=args.truth, subset=args.subset,
                               dmin=2.5 if args.dmin is None else args.dmin,
                               noise=args.noise, bragg_noise=args.bragg_noise, seed=args.seed, progress=True)
     except (ValueError, FileNotFoundError) as err:

@@ -122,13 +122,6 @@ def simulate_unmerged(
     ValueError
         If an argument is out of range or the space group is unknown.
     """
-    sg = gemmi.find_spacegroup_by_name(spacegroup) if isinstance(spacegroup, str) else None
-    if sg is None:
-        raise ValueError(f"unknown space group {spacegroup!r}")
-    if len(cell) != 6:
-        raise ValueError(f"cell must have 6 parameters (a, b, c, alpha, beta, gamma), got {len(cell)}")
-    for name, v in zip(("a", "b", "c", "alpha", "beta", "gamma"), cell):
-        _check_real(f"cell parameter {name}", v, 0.0, low_inclusive=False)
     dmin = _check_real("dmin", dmin, 0.0, low_inclusive=False)
     if isinstance(n_images, bool) or not isinstance(n_images, Integral) or n_images < 1:
         raise ValueError(f"n_images must be an integer >= 1, got {n_images!r}")
@@ -142,21 +135,12 @@ def simulate_unmerged(
     outlier_fraction = _check_real("outlier_fraction", outlier_fraction, 0.0, 1.0)
     read_noise = _check_real("read_noise", read_noise, 0.0)
     anomalous_signal = _check_real("anomalous_signal", anomalous_signal, 0.0, 1.0)
-    gcell = gemmi.UnitCell(*map(float, cell))
-    if gcell.volume <= 0 or not math.isfinite(gcell.volume):
-        raise ValueError(f"cell angles do not describe a valid unit cell: {tuple(cell)}")
+    sg, gcell, H, d, eps, centric = _asu_reflections(spacegroup, cell, dmin)
     rng = np.random.default_rng(seed)
 
-    # Unique reflections and their true amplitudes (Wilson statistics).
-    H = rs.utils.generate_reciprocal_asu(gcell, sg, dmin, anomalous=False)
-    H = H[~rs.utils.is_absent(H, sg)].astype(np.int32)
-    if len(H) == 0:
-        raise ValueError(f"no reflections to dmin={dmin} for this cell; decrease dmin")
+    # True amplitudes (Wilson statistics).
     n_refl = len(H)
-    d = rs.utils.compute_dHKL(H, gcell)
     s2 = 1.0 / (4.0 * d**2)
-    eps = rs.utils.compute_structurefactor_multiplicity(H, sg).astype(np.int32)
-    centric = rs.utils.is_centric(H, sg).astype(bool)
     sigma = mean_intensity * np.exp(-2.0 * wilson_b * s2) * eps
     f_acentric = np.sqrt(rng.exponential(sigma))
     f_centric = np.abs(rng.normal(0.0, np.sqrt(sigma)))
@@ -227,9 +211,9 @@ def simulate_unmerged(
     return unmerged, truth
 
 
-def _wilson_truth(spacegroup, cell, dmin: float, wilson_b: float, mean_intensity: float, anomalous_signal: float,
-                  rng: np.random.Generator):
-    """Unique ASU reflections of ``cell`` to ``dmin`` and their true amplitudes from Wilson statistics."""
+def _asu_reflections(spacegroup, cell, dmin: float):
+    """The space group, the cell and its unique, non-absent ASU reflections to ``dmin``: (sg, gcell, H, d, eps,
+    centric); bad arguments raise before any work."""
     sg = gemmi.find_spacegroup_by_name(spacegroup) if isinstance(spacegroup, str) else None
     if sg is None:
         raise ValueError(f"unknown space group {spacegroup!r}")
@@ -247,6 +231,13 @@ def _wilson_truth(spacegroup, cell, dmin: float, wilson_b: float, mean_intensity
     d = rs.utils.compute_dHKL(H, gcell)
     eps = rs.utils.compute_structurefactor_multiplicity(H, sg).astype(np.int32)
     centric = rs.utils.is_centric(H, sg).astype(bool)
+    return sg, gcell, H, d, eps, centric
+
+
+def _wilson_truth(spacegroup, cell, dmin: float, wilson_b: float, mean_intensity: float, anomalous_signal: float,
+                  rng: np.random.Generator):
+    """Unique ASU reflections of ``cell`` to ``dmin`` and their true amplitudes from Wilson statistics."""
+    sg, gcell, H, d, eps, centric = _asu_reflections(spacegroup, cell, dmin)
     sigma = mean_intensity * np.exp(-2.0 * wilson_b / (4.0 * d**2)) * eps
     F = np.where(centric, np.abs(rng.normal(0.0, np.sqrt(sigma))), np.sqrt(rng.exponential(sigma)))
     delta = np.clip(anomalous_signal * rng.normal(size=len(H)), -0.95, 0.95)
@@ -328,7 +319,8 @@ def simulate_xfel(
     shot = rng.normal(0.0, shot_sd, n_images)
     image_b = rng.normal(0.0, image_b_sd, n_images)
     s2 = (1.0 / (4.0 * d**2))[refl]
-    r2 = (np.square(xdet - _ABSORPTION_CENTRE[0]) + np.square(ydet - _ABSORPTION_CENTRE[1])) / (0.5 * _DETECTOR_SIZE) ** 2
+    r2 = np.square(xdet - _ABSORPTION_CENTRE[0]) + np.square(ydet - _ABSORPTION_CENTRE[1])
+    r2 = r2 / (0.5 * _DETECTOR_SIZE) ** 2
     scale = np.exp(shot[image - 1] - 2.0 * image_b[image - 1] * s2 - absorption * r2) * partiality
     del s2, r2
     expected = scale * np.square(np.where(plus, f_plus[refl], f_minus[refl]))
