@@ -500,6 +500,12 @@ class FrameWeightsModel(PyroModule):
         normalisation voxels: ``(x'/m(w), I_B/m_B(w) or None)``, shapes (..., B)."""
         if idx is None and callable(getattr(self.frames, "voxel_ranges", None)):
             return self._predictions_by_range(w, bragg)
+        x, ib, m, mb = self.intensities(w, idx, bragg)
+        return x / m, (None if ib is None else ib / mb)
+
+    def intensities(self, w: torch.Tensor, idx: torch.Tensor | None = None, bragg: bool = False):
+        """``(x', I_B or None, m(w), m_B(w) or None)`` at voxels idx in frame units, with the normalisers that
+        :meth:`predictions` divides by ((..., 1) each): for callers that need both, at the cost of one pass."""
         block = self.frames.block(idx)
         x = diffuse_intensity(w, block)
         ib = bragg_intensity(w, block) if bragg else None
@@ -510,7 +516,7 @@ class FrameWeightsModel(PyroModule):
                 self._norm_block = self.frames.block(self.norm_voxels)
             m = diffuse_intensity(w, self._norm_block).mean(-1, keepdim=True)
             mb = bragg_intensity(w, self._norm_block).mean(-1, keepdim=True) if bragg else None
-        return x / m, (None if ib is None else ib / mb)
+        return x, ib, m, mb
 
     def _predictions_by_range(self, w: torch.Tensor, bragg: bool):
         """All voxels of frames read from disk, one range at a time (the next read while one is computed); without

@@ -219,6 +219,17 @@ def test_synthetic_trajectory_blocks_are_reproducible():
     assert len({tuple(h) for h in sim.hkl}) == 1000
 
 
+def test_synthetic_cell_grows_so_large_maps_stay_within_d_min():
+    """60 A while N voxels stay within d_min; beyond, the cell grows so the map's edge is d_min exactly (a 10^6-voxel
+    map at 0.77 A would carry signals of exp(-9) and vanishing sigmas)."""
+    small = SyntheticTrajectory(n_frames=10, n_voxels=1000)
+    assert small.cell_edge == 60.0 and small.dhkl.min() > 1.4
+    grown = SyntheticTrajectory(n_frames=10, n_voxels=1000, d_min=10.0)
+    assert grown.cell_edge > 60.0
+    assert grown.dhkl.min() == pytest.approx(10.0)
+    assert SyntheticTrajectory(n_frames=10, n_voxels=1000, cell_edge=30.0).dhkl.min() == pytest.approx(30 / 8.544, rel=1e-3)
+
+
 def test_engine_announces_each_next_minibatch():
     """A model with ``prefetch`` hears of every minibatch one step before it is used."""
     from physppl.inference.svi import _announced

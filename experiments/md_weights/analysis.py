@@ -6,7 +6,6 @@ import pandas as pd
 import torch
 
 from physppl.merging.quality import cc_by_resolution, pearson
-from physppl.models.md_weights import diffuse_intensity
 
 __all__ = ["state_masses", "frame_table", "state_table", "predicted_intensities", "effective_frames_summary",
            "weight_errors"]
@@ -84,11 +83,11 @@ def predicted_intensities(data, model, draws: dict[str, np.ndarray], chunk: int 
         step = n if streamed else chunk  # (chunk, N) stays small for large maps
         for start in range(0, n, step):
             sl = slice(start, start + step)
-            rel, rel_b = model.predictions(w[sl], idx, bragg=bragg)
-            parts = {"pred": data.y_shift + data.y_scale * (a[sl] * rel.double() + b[sl]),
-                     "x": diffuse_intensity(w[sl], data.frames.block(idx)).double() * data.x_scale}
+            x, ib, m, mb = model.intensities(w[sl], idx, bragg=bragg)  # x' once: the pass is N x T per draw
+            x = x.double()
+            parts = {"pred": data.y_shift + data.y_scale * (a[sl] * x / m.double() + b[sl]), "x": x * data.x_scale}
             if bragg:
-                parts["bragg"] = data.bragg_scale * ab[sl] * rel_b.double()
+                parts["bragg"] = data.bragg_scale * ab[sl] * ib.double() / mb.double()
             for name, v in parts.items():
                 s1, s2 = sums.get(name, (0.0, 0.0))
                 sums[name] = (s1 + v.sum(0), s2 + v.square().sum(0))

@@ -25,6 +25,8 @@ from .md_frames import state_trajectory
 
 __all__ = ["SyntheticTrajectory", "TrajectoryBlock"]
 
+DEFAULT_CELL_EDGE = 60.0  # A: up to ~10^5 voxels (1.4 A) the cell of every earlier example
+
 
 @dataclass
 class TrajectoryBlock:
@@ -54,8 +56,14 @@ class SyntheticTrajectory:
         Sd of the modes and of the independent part, relative to a state mean's.
     between : float
         Sd of each state's departure from the common mean structure factor, relative to it.
-    b_factor, cell_edge : float
-        Resolution fall-off (A^2) and the cubic cell's edge (A), for Miller indices and d-spacings.
+    b_factor : float
+        Resolution fall-off (A^2).
+    cell_edge : float, optional
+        The cubic cell's edge (A), for d-spacings. Default: 60 A, or larger where N voxels of a 60 A cell would
+        reach past ``d_min``: a million voxels then span 1.4 A, as a real crystal's map would, instead of 0.77 A,
+        where the signal is exp(-9) of the low-resolution one and the sigmas vanish with it.
+    d_min : float
+        The resolution the default cell keeps the map within (A).
     dwell : float, optional
         Mean frames between state changes (default T / 30).
     scale, offset, noise : float
@@ -64,7 +72,7 @@ class SyntheticTrajectory:
 
     def __init__(self, n_frames: int = 1000, n_voxels: int = 100_000, state_masses=(0.2, 0.5, 0.3), n_modes: int = 8,
                  within: float = 0.3, between: float = 0.4, noise_frac: float = 0.05, b_factor: float = 20.0,
-                 cell_edge: float = 60.0, scale: float = 1000.0, offset: float = 50.0, noise: float = 0.05,
+                 cell_edge: float | None = None, d_min: float = 1.4, scale: float = 1000.0, offset: float = 50.0, noise: float = 0.05,
                  dwell: float | None = None, seed: int = 0):
         masses = np.asarray(state_masses, float)
         if masses.ndim != 1 or (masses < 0).any() or not np.isclose(masses.sum(), 1.0):
@@ -74,7 +82,7 @@ class SyntheticTrajectory:
         self.n_frames, self.n_voxels, self.n_modes = int(n_frames), int(n_voxels), int(n_modes)
         self.state_masses = masses
         self.within, self.between, self.noise_frac = float(within), float(between), float(noise_frac)
-        self.b_factor, self.cell_edge = float(b_factor), float(cell_edge)
+        self.b_factor = float(b_factor)
         self.scale, self.offset, self.noise, self.seed = float(scale), float(offset), float(noise), int(seed)
         n_states = len(masses)
         dwell = max(2.0, self.n_frames / 30) if dwell is None else float(dwell)  # ~30 state visits
@@ -91,6 +99,8 @@ class SyntheticTrajectory:
             c[t] = rho * c[t - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal(self.n_modes)
         self.coords = c.astype(np.float32)
         self.hkl = self._miller_indices(rng)
+        radius = float(np.sqrt((self.hkl.astype(float) ** 2).sum(1)).max())
+        self.cell_edge = max(DEFAULT_CELL_EDGE, float(d_min) * radius) if cell_edge is None else float(cell_edge)
         self.dhkl = self.cell_edge / np.sqrt((self.hkl.astype(float) ** 2).sum(1))
         self.state_names = [f"state{k}" for k in range(n_states)]
         # F = features (B, S + S K) @ design (S + S K, T): a state indicator per frame, then each state's modes
