@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for the physppl jobs")
     ap.add_argument("--merging", action="store_true", help="merging at scale (experiments/benchmarks/scale_merging.py)")
     ap.add_argument("--merging-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    # minibatch merges pass the convergence test at ~2,000-2,300 steps, just past the engine's default budget
+    ap.add_argument("--merging-max-steps", type=int, default=10_000, help="SVI step budget of each merge")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.case:
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         import scale_merging  # noqa: E402 (this folder's merging half of the benchmark)
 
         merged = scale_merging.merging_table(args.merging_sizes, args.threads, workdir / "merging",
-                                             json_path.with_name(json_path.stem + "_merging.json") if json_path else None)
+                                             json_path.with_name(json_path.stem + "_merging.json") if json_path else None,
+                                             max_steps=args.merging_max_steps)
         print("\nMerging at scale\n")
         scale_merging.print_table(merged)
     return 0
