@@ -7,6 +7,7 @@ parameter mode), so a checkpoint is the modules' and the optimiser's ``state_dic
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -61,16 +62,18 @@ class SVIResult:
                 "stop_reason": self.stop_reason, "train_time": self.wall_time, "resumed_from": self.resumed_from}
 
 
-def _announced(batches, prefetch: Callable):
-    """The minibatch stream one step ahead: ``prefetch(next)`` is called before the current minibatch is used, so
-    a model whose data live on disk reads the next one while this one is computed (the model protocol's optional
-    ``prefetch(subsample)``)."""
-    current = next(batches)
+def _announced(batches, prefetch: Callable, depth: int = 1):
+    """The minibatch stream ``depth`` steps ahead: ``prefetch(b)`` is called for each minibatch ``depth`` steps
+    before it is used, so a model whose data live on disk reads the next ones while this one is computed (the model
+    protocol's optional ``prefetch(subsample)`` and ``prefetch_depth``)."""
+    queue = collections.deque([next(batches)])
+    for _ in range(max(0, int(depth))):
+        queue.append(next(batches))
+        prefetch(queue[-1])
     while True:
-        upcoming = next(batches)
-        prefetch(upcoming)
-        yield current
-        current = upcoming
+        yield queue.popleft()
+        queue.append(next(batches))
+        prefetch(queue[-1])
 
 
 class SVIEngine:
@@ -259,7 +262,7 @@ class SVIEngine:
         batches = self._batches(n_data, generator)
         prefetch = getattr(model, "prefetch", None)
         if callable(prefetch) and not self._full_batch(n_data):
-            batches = _announced(batches, prefetch)
+            batches = _announced(batches, prefetch, getattr(model, "prefetch_depth", 1))
         t0 = time.perf_counter()
         step = start_step
         bar = tqdm(total=self.max_steps, initial=start_step, disable=not self.progress, desc="SVI",

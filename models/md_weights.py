@@ -408,6 +408,7 @@ class FrameWeightsModel(PyroModule):
         if callable(getattr(frames, "prefetch", None)):
             # frames on disk: the SVI engine announces the next minibatch of voxels so it is read during this step
             self.prefetch = frames.prefetch
+            self.prefetch_depth = int(getattr(frames, "prefetch_depth", 1))
 
     @property
     def n_frames(self) -> int:

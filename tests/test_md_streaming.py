@@ -231,13 +231,18 @@ def test_synthetic_cell_grows_so_large_maps_stay_within_d_min():
 
 
 def test_engine_announces_each_next_minibatch():
-    """A model with ``prefetch`` hears of every minibatch one step before it is used."""
+    """A model with ``prefetch`` hears of every minibatch ``prefetch_depth`` steps (default one) before it is used."""
     from physppl.inference.svi import _announced
 
     heard = []
     stream = _announced(iter([torch.tensor([k]) for k in range(4)]), heard.append)
     assert int(next(stream)) == 0 and [int(h) for h in heard] == [1]
     assert int(next(stream)) == 1 and [int(h) for h in heard] == [1, 2]
+    heard.clear()  # two ahead (the frame store's read-ahead): each minibatch announced two steps before its use
+    stream = _announced(iter([torch.tensor([k]) for k in range(5)]), heard.append, depth=2)
+    assert int(next(stream)) == 0 and [int(h) for h in heard] == [1, 2]
+    assert int(next(stream)) == 1 and [int(h) for h in heard] == [1, 2, 3]
+    assert int(next(stream)) == 2 and [int(h) for h in heard] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("fmt", ["npz", "h5"])

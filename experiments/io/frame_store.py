@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -159,14 +160,21 @@ class FrameStore:
 
     chunk_offsets: dict | None = None  # dataset -> file byte offset of each chunk, when chunks are stored raw
     _fd: int | None = None
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _file(self) -> int:
+        """The raw file descriptor, opened once (reads come from reader threads and the main thread)."""
+        with self._fd_lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            return self._fd
 
     def _read_raw(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows lo:hi straight from the file: one ``os.preadv`` per chunk into the result (no GIL held, no copy).
         h5py's chunked slicing reads these rows at about a sixth of the page cache's rate on this machine (measured
         0.65 against 4 GB/s), which would leave the disk idle behind it; the layout comes from h5py's public chunk
         index (``get_chunk_info``), so only uncompressed, unfiltered chunks are read this way."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        fd = self._file()
         T, per = self.n_frames, self.rows_per_chunk
         out = np.empty((hi - lo, T), dtype=np.float32)
         flat = memoryview(out).cast("B")
@@ -178,26 +186,48 @@ class FrameStore:
             stop = min(hi, (c + 1) * per)
             want = (stop - r) * row_bytes
             start = (r - lo) * row_bytes
-            got = os.preadv(self._fd, [flat[start:start + want]], int(offsets[c]) + (r - c * per) * row_bytes)
+            got = os.preadv(fd, [flat[start:start + want]], int(offsets[c]) + (r - c * per) * row_bytes)
             if got != want:
                 raise FrameInputError(f"{self.path}: short read of '{name}' rows {r}..{stop - 1} ({got} of {want} bytes)")
             r = stop
         return out
 
-    def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Rows lo:hi of re and im; raises naming the rows and voxels if any value is not finite."""
+    def will_need(self, lo: int, hi: int) -> None:
+        """Ask the kernel to start reading rows lo:hi now (``posix_fadvise(WILLNEED)`` on each of their chunks), so
+        a later :meth:`read` finds them in the page cache. Issued for a minibatch steps before its read: the kernel
+        then keeps many requests in flight, where one thread's reads of one chunk at a time kept the disk at about
+        a fifth of its sequential rate (measured: a 164 MB block in 0.26-0.57 s cold, 0.16-0.18 s with the
+        advice given just before)."""
+        if not self.chunk_offsets or not hasattr(os, "posix_fadvise"):
+            return
+        fd = self._file()
+        per, chunk_bytes = self.rows_per_chunk, self.rows_per_chunk * self.n_frames * 4
+        for offsets in self.chunk_offsets.values():
+            for c in range(lo // per, (hi - 1) // per + 1):
+                os.posix_fadvise(fd, int(offsets[c]), chunk_bytes, os.POSIX_FADV_WILLNEED)
+
+    def read(self, lo: int, hi: int, check: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows lo:hi of re and im; raises naming the rows and voxels if any value is not finite (``check=False``
+        leaves that to the caller, e.g. one that computes each row's mean anyway: see :meth:`check_finite`)."""
         out = []
         for name in ("re", "im") if self.is_complex else ("re",):
             block = self._read_raw(name, lo, hi) if self.chunk_offsets else self.handle[name][lo:hi]
-            if not np.isfinite(block).all():
-                bad = np.unique(np.argwhere(~np.isfinite(block))[:, 0]) + lo
-                vox = np.unique(np.searchsorted(self.offsets, bad, side="right") - 1)
-                raise FrameInputError(
-                    f"{self.path}: dataset '{name}' has non-finite values in rows {bad[0]}..{bad[-1]} ({len(bad)} rows; "
-                    f"voxels {vox[:5].tolist()}{' ...' if len(vox) > 5 else ''}, first hkl {self.hkl[vox[0]].tolist()}); "
-                    "rewrite the store from its source")
+            if check:
+                self.check_finite(name, block, lo)
             out.append(block)
         return out[0], (out[1] if self.is_complex else None)
+
+    def check_finite(self, name: str, block: np.ndarray, lo: int) -> None:
+        """Raise :class:`FrameInputError` naming the rows, voxels and first Miller index if ``block`` (rows
+        ``lo:lo + len(block)`` of dataset ``name``) holds a value that is not finite."""
+        if np.isfinite(block).all():
+            return
+        bad = np.unique(np.argwhere(~np.isfinite(block))[:, 0]) + lo
+        vox = np.unique(np.searchsorted(self.offsets, bad, side="right") - 1)
+        raise FrameInputError(
+            f"{self.path}: dataset '{name}' has non-finite values in rows {bad[0]}..{bad[-1]} ({len(bad)} rows; "
+            f"voxels {vox[:5].tolist()}{' ...' if len(vox) > 5 else ''}, first hkl {self.hkl[vox[0]].tolist()}); "
+            "rewrite the store from its source")
 
     def scan(self, rows_per_read: int | None = None) -> float:
         """Read every row once and raise on the first non-finite block (see :meth:`read`); returns the seconds it
