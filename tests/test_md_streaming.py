@@ -186,6 +186,27 @@ def test_nan_block_is_named_before_the_fit(small_store, tmp_path):
         source.load()
 
 
+def test_nan_block_is_named_when_read_ahead_reaches_it(small_store, tmp_path):
+    """Without the read-through (``check_store=false``) the reader threads check each block through its row means:
+    a NaN is named by rows and dataset when its minibatch is read, announced or not; clean blocks pass."""
+    import shutil
+
+    _, paths, _ = small_store
+    bad = tmp_path / "nan.h5"
+    shutil.copy(paths["frames"], bad)
+    with h5py.File(bad, "r+") as fh:
+        fh["re"][1210, 7] = np.nan
+    frames = StreamedFrames(open_frame_store(bad))
+    assert frames.prefetch_depth == 2
+    clean, dirty = torch.arange(0, 400), torch.arange(1200, 1600)
+    frames.prefetch(dirty)
+    assert frames.block(clean).n_voxels == 400
+    with pytest.raises(FrameInputError, match=r"dataset 're' has non-finite values in rows 1210\.\.1210 \(1 rows"):
+        frames.block(dirty)  # from the reader thread's future
+    with pytest.raises(FrameInputError, match=r"rows 1210\.\.1210"):
+        StreamedFrames(open_frame_store(bad), read_ahead=False).block(dirty)  # read in this thread
+
+
 def test_store_and_observed_must_match(small_store, tmp_path):
     from physppl.io.frames import read_observed, write_intensity_mtz
 
