@@ -8,8 +8,8 @@ The model protocol (checked by :func:`check_model`): a :class:`torch.nn.Module` 
 ``model(**data, subsample=idx)``, where ``idx`` indexes the plate the engine minibatches over (``None`` = all
 data), that declares its latent and observed sample sites inside named ``pyro.plate``s. Optionally it has
 ``prefetch(subsample)``: a minibatching engine then announces each minibatch ``prefetch_depth`` steps (an optional
-int attribute, default 1) before it uses it (data on disk are read ahead). A guide is called the same way and samples the model's latent sites (check:
-:func:`check_guide`). Parameters live in the modules
+int attribute, default 1) before it uses it (data on disk are read ahead). A guide is called the same way and
+samples the model's latent sites (check: :func:`check_guide`). Parameters live in the modules
 (Pyro's module-local parameter mode, set when physppl is imported), so two fits in one process share nothing.
 """
 from __future__ import annotations

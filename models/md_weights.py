@@ -406,7 +406,8 @@ class FrameWeightsModel(PyroModule):
         self.register_buffer("norm_voxels", norm)
         self._norm_block = None
         if callable(getattr(frames, "prefetch", None)):
-            # frames on disk: the SVI engine announces the next minibatch of voxels so it is read during this step
+            # frames on disk: the SVI engine announces the coming minibatches of voxels so they are read during
+            # this step, as many steps ahead as the frames ask
             self.prefetch = frames.prefetch
             self.prefetch_depth = int(getattr(frames, "prefetch_depth", 1))
 

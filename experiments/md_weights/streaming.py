@@ -102,7 +102,7 @@ class StreamedFrames:
         self.stats = ReadStats()
         self._pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="frame-store") if read_ahead else None
         self.prefetch_depth = READ_AHEAD if read_ahead else 0  # for the engine: announce minibatches this far ahead
-        # reads in flight by row range: the engine announces minibatch k+1 before it uses minibatch k
+        # reads in flight by row range: the engine announces minibatch k + READ_AHEAD before it uses minibatch k
         self._pending: OrderedDict[tuple[int, int], Future] = OrderedDict()
         self._last: tuple[tuple[int, int], FrameBlock] | None = None  # repeated reads of one range (a MAP start)
 

@@ -72,8 +72,8 @@ class SyntheticTrajectory:
 
     def __init__(self, n_frames: int = 1000, n_voxels: int = 100_000, state_masses=(0.2, 0.5, 0.3), n_modes: int = 8,
                  within: float = 0.3, between: float = 0.4, noise_frac: float = 0.05, b_factor: float = 20.0,
-                 cell_edge: float | None = None, d_min: float = 1.4, scale: float = 1000.0, offset: float = 50.0, noise: float = 0.05,
-                 dwell: float | None = None, seed: int = 0):
+                 cell_edge: float | None = None, d_min: float = 1.4, scale: float = 1000.0, offset: float = 50.0,
+                 noise: float = 0.05, dwell: float | None = None, seed: int = 0):
         masses = np.asarray(state_masses, float)
         if masses.ndim != 1 or (masses < 0).any() or not np.isclose(masses.sum(), 1.0):
             raise ValueError(f"state_masses must be non-negative and sum to 1, got {state_masses}")
@@ -99,9 +99,10 @@ class SyntheticTrajectory:
             c[t] = rho * c[t - 1] + np.sqrt(1 - rho ** 2) * rng.standard_normal(self.n_modes)
         self.coords = c.astype(np.float32)
         self.hkl = self._miller_indices(rng)
-        radius = float(np.sqrt((self.hkl.astype(float) ** 2).sum(1)).max())
-        self.cell_edge = max(DEFAULT_CELL_EDGE, float(d_min) * radius) if cell_edge is None else float(cell_edge)
-        self.dhkl = self.cell_edge / np.sqrt((self.hkl.astype(float) ** 2).sum(1))
+        index_norm = np.sqrt((self.hkl.astype(float) ** 2).sum(1))  # |hkl|: d = cell_edge / |hkl| (cubic)
+        self.cell_edge = (max(DEFAULT_CELL_EDGE, float(d_min) * float(index_norm.max())) if cell_edge is None
+                          else float(cell_edge))
+        self.dhkl = self.cell_edge / index_norm
         self.state_names = [f"state{k}" for k in range(n_states)]
         # F = features (B, S + S K) @ design (S + S K, T): a state indicator per frame, then each state's modes
         # (collective coordinates scaled to sd ``within``, zero outside the state)
