@@ -13,6 +13,8 @@ Knows nothing of the physics. A *flow* is any ``nn.Module`` with ``log_prob(thet
   (Deistler et al. 2022, TSNPE): each round simulates from the prior restricted to a box around the current
   posterior's mass, so the plain NPE loss stays valid and the density estimator works at the observation's scale.
 * :class:`AmortizedPosterior`: the saved, reloadable posterior (``posterior.sample(x, n)``).
+* :func:`fit_ensemble`: several estimators, each from its own initialisation, trained on the same pairs and
+  joined into their mixture (:class:`~physppl.inference.estimators.EnsembleEstimator`).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from .interrupt import Interrupted, stop_if_signalled, watch_signals
 from .outputs import atomic_write
 from .svi import TrainingDivergedError
 
-__all__ = ["SBIPlan", "NPETrainer", "NPEResult", "AmortizedPosterior", "load_posterior", "VariationalFocus", "FocusResult", "importance_diagnostics",
+__all__ = ["SBIPlan", "NPETrainer", "NPEResult", "fit_ensemble", "AmortizedPosterior", "load_posterior", "VariationalFocus", "FocusResult", "importance_diagnostics",
            "TruncatedSequentialNPE", "truncation_box"]
 
 log = logging.getLogger(__name__)
@@ -250,6 +252,29 @@ class NPETrainer:
         log.info("NPE: %s; best held-out -log q %.4f after %d epochs (%d steps), %.1f s", result.stop_reason,
                  result.best_val_loss, result.epochs, result.steps, result.wall_time)
         return result
+
+
+def fit_ensemble(trainer: NPETrainer, make: Callable[[], nn.Module], theta: torch.Tensor, x: torch.Tensor,
+                 members: int, seed: int = 0, workdir: str | os.PathLike | None = None,
+                 name: str = "npe_checkpoint") -> tuple[nn.Module, list[NPEResult]]:
+    """``members`` estimators from ``make()``, member ``k`` initialised from seed ``seed + k`` (torch's global
+    generator is given back afterwards), each trained by ``trainer`` on the same pairs (checkpoints
+    ``<name>_<k>``), joined into an :class:`~physppl.inference.estimators.EnsembleEstimator`; with each training
+    record."""
+    from .estimators import EnsembleEstimator
+
+    if int(members) < 1:
+        raise ValueError(f"fit_ensemble: members must be >= 1, got {members}")
+    nets, results = [], []
+    for k in range(int(members)):
+        with torch.random.fork_rng():
+            torch.manual_seed(int(seed) + k)
+            net = make()
+        results.append(trainer.fit(net, theta, x, workdir=workdir, name=f"{name}_{k}"))
+        nets.append(net)
+        log.info("ensemble member %d of %d: %d epochs, held-out loss %.4f", k + 1, members, results[-1].epochs,
+                 results[-1].best_val_loss)
+    return EnsembleEstimator(nets), results
 
 
 def _nll(flow: nn.Module, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

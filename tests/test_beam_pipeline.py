@@ -32,7 +32,8 @@ TINY = ["+experiment=beam_sbi", "data.n_simulations=600", "data.n_observations=2
         "evaluate.plots=1", "n_draws=300", "evaluate.predictive_draws=50", "guide.n_transforms=1",
         "guide.hidden_dims=[16]", "guide.embedding_dims=[32]", "guide.context_dim=16",
         "inference.refinement.n_proposal=2000", "inference.refinement.mcmc_steps=5",
-        "inference.refinement.max_mcmc_steps=10"]
+        "inference.refinement.max_mcmc_steps=10", "inference.refinement.smc_particles=1000",
+        "inference.refinement.smc_max_moves=8"]
 
 
 # what the command line writes besides Result.save: Hydra's records, the log, the checkpoints of a resumable run
@@ -54,7 +55,8 @@ def _tiny_python(cache_dir, **kwargs):
     shrunk; no SBC and no plots (they are checked by test_default_job_writes_every_output)."""
     plan = parts.PLANS["npe"].build(amortized=parts.NPE_TRAINER.build(max_epochs=2, progress=False),
                                     focus=parts.FOCUS.build(steps=40, particles=32, progress=False),
-                                    refinement=parts.BEAM_REFINE.build(n_proposal=2000, mcmc_steps=5, max_mcmc_steps=10))
+                                    refinement=parts.BEAM_REFINE.build(n_proposal=2000, mcmc_steps=5, max_mcmc_steps=10,
+                                                                       smc_particles=1000, smc_max_moves=8))
     flow = functools.partial(knife_edge_flow, n_transforms=1, hidden_dims=[16], embedding_dims=[32], context_dim=16)
     evaluate = Evaluation(sbc=0, sbc_draws=20, reference=False, plots=0, predictive_draws=50)
     return physppl.infer_beam(None, flow=flow, plan=plan, n_draws=300, evaluate=evaluate, n_simulations=600,
@@ -238,6 +240,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
             plan.focus.steps, plan.focus.particles, plan.focus.progress = 20, 32, False
         if plan.refinement is not None:
             plan.refinement.n_proposal, plan.refinement.mcmc_steps, plan.refinement.max_mcmc_steps = 2000, 5, 10
+            plan.refinement.smc_particles, plan.refinement.smc_max_moves = 1000, 8
         return plan
 
     def quick(scans=None, *, plan="npe", evaluate=Evaluation(), **kwargs):

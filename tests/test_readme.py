@@ -51,7 +51,8 @@ def small_budgets(monkeypatch, tmp_path):
                         beam_api.Evaluation(reference=False, sbc=20, sbc_draws=20, plots=1, predictive_draws=20))
     for key, value in (("max_epochs", 2), ("progress", False)):
         monkeypatch.setitem(sbi_parts.TRAINER.kwargs, key, value)
-    for key, value in (("n_proposal", 2000), ("mcmc_steps", 2), ("max_mcmc_steps", 5)):
+    for key, value in (("n_proposal", 2000), ("mcmc_steps", 2), ("max_mcmc_steps", 5), ("smc_particles", 1000),
+                       ("smc_max_moves", 8)):
         monkeypatch.setitem(sbi_parts.REFINE.kwargs, key, value)
         monkeypatch.setitem(beam_parts.BEAM_REFINE.kwargs, key, value)
     monkeypatch.setitem(sbi_api.infer_sbi.__kwdefaults__, "n_draws", 300)

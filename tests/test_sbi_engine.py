@@ -77,6 +77,46 @@ def test_truncated_estimator_rejects_outside_the_box_and_knows_its_normaliser():
     assert float(total) == pytest.approx(1.0, abs=0.03)
 
 
+def test_an_ensemble_is_the_normalised_mixture_of_its_members_and_draws_from_it():
+    """Three truncated NSFs with different weights: the ensemble's density is their mean, its draws stay in the
+    box, follow that mixture (each member's share of the draws in the box matches its share of the mass), and
+    ``log_prob`` minus the normaliser integrates to one."""
+    from physppl.inference.estimators import EnsembleEstimator
+    from physppl.inference.refine import ConditionedEstimator
+
+    prior = D.Independent(D.Uniform(-torch.ones(2), torch.ones(2)), 1)
+    members = []
+    for k in range(3):
+        torch.manual_seed(k)
+        m = build_estimator(prior, 3, kind="nsf", transforms=2, hidden=(16,), box="truncate")
+        m.fit_standardization(1.5 * (2 * torch.rand(500, 2, generator=torch.Generator().manual_seed(k)) - 1),
+                              torch.randn(500, 3))
+        members.append(_perturbed(m, seed=k, scale=0.15))
+    ens = EnsembleEstimator(members)
+    x = torch.tensor([0.3, -1.0, 0.5])
+    g = (torch.arange(400) + 0.5) / 200 - 1
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        lp = ens.log_prob(grid, x)
+        mean = torch.stack([m.log_prob(grid, x).exp() for m in members]).mean(0)
+    torch.testing.assert_close(lp.exp(), mean, rtol=1e-5, atol=1e-7)
+    torch.manual_seed(5)
+    q = ConditionedEstimator(ens, x)
+    assert float(q.log_prob(grid).exp().sum() * (2 / 400) ** 2) == pytest.approx(1.0, abs=0.03)
+    draws = ens.sample(x, 20_000)
+    assert draws.shape == (20_000, 2) and bool((draws.abs() <= 1).all())
+    # the draws' histogram on a coarse grid against the mixture's mass per cell
+    edges = torch.linspace(-1, 1, 5)
+    counts = torch.histogramdd(draws, bins=[edges, edges]).hist.flatten() / len(draws)
+    cell = torch.bucketize(grid[:, 0].contiguous(), edges[1:-1]) * 4 + torch.bucketize(grid[:, 1].contiguous(), edges[1:-1])
+    mass = torch.zeros(16).index_add_(0, cell, mean.float())
+    np.testing.assert_allclose(counts.numpy(), (mass / mass.sum()).numpy(), atol=0.015)
+    # batched observations: one draw set per observation
+    assert ens.sample(x.expand(4, 3), 7).shape == (7, 4, 2)
+    with pytest.raises(ValueError, match="share the prior"):
+        EnsembleEstimator([members[0], build_estimator(prior, 3, kind="nsf", box="logit")])
+
+
 @pytest.mark.parametrize("kind", ["nsf", "cinn"])
 def test_estimator_density_integrates_to_one_on_normal_and_lognormal(kind):
     prior = {"a": D.Normal(0.0, 1.0), "b": D.LogNormal(0.0, 0.5)}
@@ -171,9 +211,62 @@ def test_importance_refinement_recovers_four_modes_where_reverse_kl_collapses():
     # each mode's location is right too
     upper = out.draws[(out.draws > 0).all(-1)]
     np.testing.assert_allclose(upper.mean(0).numpy(), [1.0, 1.0], atol=0.03)
-    # alone, the collapsed fit is diagnosed and flagged, not trusted
-    lone = refine({"variational": q}, loglik, prior, 1000, opts)
-    assert not lone.reliable and "Pareto k" in lone.warning
+    # alone, the collapsed fit fails its importance check; without the SMC fallback that is flagged, not trusted
+    no_smc = ImportanceRefinement(n_proposal=20_000, mcmc_steps=10, smc_particles=0, seed=0)
+    lone = refine({"variational": q}, loglik, prior, 1000, no_smc)
+    assert not lone.reliable and "Pareto k" in lone.warning and lone.smc is None
+    # with it (the default), tempered SMC from the collapsed fit finds the other three modes, and importance
+    # sampling with a mixture fitted to its particles gets their masses right and passes its own check
+    rescued = refine({"variational": q}, loglik, prior, 4000, ImportanceRefinement(seed=0))
+    assert rescued.method == "variational+smc+mixture" and rescued.reliable and rescued.warning is None
+    assert rescued.pareto_k < 0.7 and rescued.smc["stages"] >= 2 and rescued.smc["capped_stages"] == 0
+    np.testing.assert_allclose(quadrant_masses(rescued.draws), 0.25, atol=0.03)
+    upper = rescued.draws[(rescued.draws > 0).all(-1)]
+    np.testing.assert_allclose(upper.mean(0).numpy(), [1.0, 1.0], atol=0.03)
+
+
+def test_tempered_smc_reaches_a_known_posterior_from_a_misplaced_proposal():
+    """Normal prior and likelihood: the posterior is N(0.8 x, 0.2^2 I) in closed form; the proposal is 20
+    posterior sds away. The SMC's mean, sd and evidence match the exact ones."""
+    from physppl.inference.smc import TemperedSMC
+
+    x = torch.tensor([1.0, -0.5, 0.3])
+    prior, noise = D.Independent(D.Normal(torch.zeros(3), 1.0), 1), 0.5
+    g = D.Independent(D.Normal(torch.full((3,), 3.0), 0.3), 1)
+
+    def sample_g(n):
+        t = g.sample((n,))
+        return t, g.log_prob(t)
+
+    def log_target(t):
+        return prior.log_prob(t) + D.Normal(t, noise).log_prob(x).sum(-1)
+
+    torch.manual_seed(0)
+    res = TemperedSMC(n_particles=8000, seed=0).run(sample_g, g.log_prob, log_target)
+    assert res.betas[-1] == 1.0 and res.stages > 3 and res.capped == 0
+    post_sd = (1 / (1 + 1 / noise**2)) ** 0.5
+    np.testing.assert_allclose(res.particles.mean(0).numpy(), (0.8 * x).numpy(), atol=0.02)
+    np.testing.assert_allclose(res.particles.std(0).numpy(), post_sd, rtol=0.05)
+    # log p(x) = log N(x; 0, (1 + noise^2) I)
+    exact = float(D.Normal(torch.zeros(3), (1 + noise**2) ** 0.5).log_prob(x).sum())
+    assert res.log_evidence == pytest.approx(exact, abs=0.15)
+
+
+def test_refinement_metrics_judge_each_observation_by_the_draws_it_returns():
+    from physppl.inference.refine import refinement_metrics
+
+    infos = [{"refined_with": "network", "refine_pareto_k": 0.3, "refine_ess": 900.0, "refine_reliable": True,
+              "refine_candidates": {"network": {"pareto_k": 0.3}}},
+             {"refined_with": "network+smc+mixture", "refine_pareto_k": 0.2, "refine_ess": 1500.0,
+              "refine_reliable": True, "refine_candidates": {"network": {"pareto_k": 1.8}}, "refine_smc": {}},
+             {"refined_with": "network+smc", "refine_pareto_k": 2.5, "refine_ess": 3.0, "refine_reliable": False,
+              "refine_warning": "the fallback did not pass", "refine_candidates": {"network": {"pareto_k": 2.5}},
+              "refine_smc": {}}]
+    m = refinement_metrics(infos)
+    # the SMC's own draws are judged by its check, not by the proposal's k-hat; the mixture's draws by theirs
+    assert m["refine_pareto_k_max"] == 0.3 and m["refine_ess_min"] == 900.0
+    assert m["refine_proposal_pareto_k_worst"] == 2.5 and m["refine_smc_observations"] == [1, 2]
+    assert m["failed_checks"] == ["refinement_unreliable: observation 2: the fallback did not pass"]
 
 
 def test_normal_prior_trains_and_matches_the_exact_posterior():
@@ -287,6 +380,27 @@ def test_infer_sbi_refines_two_moons_and_seeds_reproduce(tmp_path):
     assert not torch.equal(other.draws, res.draws)
     post = torch.load(out / "posterior.pt", weights_only=False)
     assert post.sample(torch.zeros(2), 5).shape == (5, 2)
+
+
+def test_infer_sbi_trains_an_ensemble_whose_members_differ_and_saves_it(tmp_path):
+    plan = PLANS["npe_amortized"].build(trainer=TRAINER.build(max_epochs=5, progress=False), ensemble=2)
+    res = physppl.infer_sbi(TwoMoons(), n_simulations=600, n_observations=1, n_draws=200, plan=plan,
+                            estimator=lambda prior, x_dim: build_estimator(prior, x_dim, transforms=2, hidden=(16,)),
+                            evaluate={"sbc": 0, "c2st_draws": 200, "plots": 0}, workdir=tmp_path)
+    out = res.save(tmp_path)
+    m = res.metrics
+    assert m["ensemble"] == 2 and len(m["member_epochs"]) == 2 and m["epochs"] == sum(m["member_epochs"])
+    assert m["estimator"] == "ensemble of 2 nsf"
+    assert sorted(res.losses["member"].unique()) == [0, 1]
+    assert (tmp_path / "npe_checkpoint_0.pt").is_file() and (tmp_path / "npe_checkpoint_1.pt").is_file()
+    post = torch.load(out / "posterior.pt", weights_only=False)
+    a, b = post.members if hasattr(post, "members") else post.flow.members
+    # different initialisations: the members are different networks
+    theta = torch.zeros(1, 2)
+    with torch.no_grad():
+        assert float(a.log_prob(theta, torch.zeros(2))) != float(b.log_prob(theta, torch.zeros(2)))
+    with pytest.raises(ValueError, match="ensemble=1"):
+        PLANS["apt"].build(ensemble=3)
 
 
 def test_command_line_runs_a_users_simulator_class_on_an_observed_file(tmp_path):

@@ -34,7 +34,7 @@ from physppl.inference.convert import summarize, to_inference_data
 from physppl.inference.fit import Fit
 from physppl.inference.npe import AmortizedPosterior, SBIPlan, TruncatedSequentialNPE
 from physppl.inference.outputs import write_json
-from physppl.inference.refine import ConditionedEstimator, refine
+from physppl.inference.refine import ConditionedEstimator, refine, refinement_metrics
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 from physppl.models.beam import PARAM_NAMES, PARAM_UNITS, KnifeEdgeBeamModel
 
@@ -140,10 +140,7 @@ def infer_observation(plan: SBIPlan, posterior: AmortizedPosterior, make_flow, m
         proposals["network"] = ConditionedEstimator(flow, x_obs)
         out = refine(proposals, loglik, model.prior(), n_draws, plan.refinement)
         draws = out.draws
-        info.update(refined_with=out.method, refine_pareto_k=out.pareto_k, refine_ess=out.ess,
-                    refine_reliable=out.reliable, refine_candidates=out.candidates)
-        if out.warning:
-            info["refine_warning"] = out.warning
+        info.update(out.info())
     elif "variational" in proposals:
         draws = proposals["variational"].sample(n_draws)
     else:
@@ -247,8 +244,10 @@ def infer_beam(
             metrics[key] = float(max(i["focus_pareto_k"] for i in infos))
             metrics["focus_ess_min"] = float(min(i["focus_ess"] for i in infos))
         if plan.refinement is not None:
-            metrics["refine_pareto_k_max"] = float(max(i["refine_pareto_k"] for i in infos))
-            metrics["refine_ess_min"] = float(min(i["refine_ess"] for i in infos))
+            refined = refinement_metrics(infos)
+            if refined.get("failed_checks"):
+                metrics.setdefault("failed_checks", []).extend(refined.pop("failed_checks"))
+            metrics.update(refined)
             metrics["refined_with"] = sorted({i["refined_with"] for i in infos})
 
         with torch.no_grad():

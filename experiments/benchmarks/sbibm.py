@@ -15,9 +15,11 @@ on a held-out tenth). Methods:
 
 * ``sbi``: sbi's NPE with its default NSF (its own training defaults);
 * ``npe``: physppl's amortized NSF (zuko), its default trainer;
+* ``ensemble``: ``--ensemble`` NSFs from different initialisations, trained on the same simulations and
+  joined into their mixture (``PosteriorPlan(ensemble=...)``);
 * ``cinn``: physppl's conditional invertible network, amortized;
 * ``refined``: physppl's default job: the amortized NSF as the proposal of importance refinement against the
-  task's likelihood (both tasks have one);
+  task's likelihood (both tasks have one), with its tempered-SMC fallback where the proposal fails its check;
 * ``apt``: physppl's APT: two rounds per observation, half the budget each (same total simulations).
 
 Prints a Markdown table (mean and range of C2ST over the observations, training time, ratio to sbi).
@@ -35,6 +37,7 @@ import torch
 
 from physppl.inference.calibration import c2st
 from physppl.inference.apt import SequentialAPT
+from physppl.inference.npe import fit_ensemble
 from physppl.inference.priors import as_prior
 from physppl.inference.refine import ConditionedEstimator, refine
 from physppl.models.simulators.sbi_tasks import SLCP, TwoMoons
@@ -114,7 +117,20 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
                     return out.draws
                 score("physppl NPE + importance refinement", budget, refined, wall, note)
                 rows[-1].update(pareto_k_max=max(o.pareto_k for o in infos), ess_min=min(o.ess for o in infos),
-                                unreliable=sum(not o.reliable for o in infos))
+                                unreliable=sum(not o.reliable for o in infos),
+                                smc_fallbacks=sum(o.smc is not None for o in infos),
+                                methods=[o.method for o in infos])
+                if rows[-1]["smc_fallbacks"] or rows[-1]["unreliable"]:
+                    rows[-1]["note"] += (f"; SMC fallback on {rows[-1]['smc_fallbacks']}, flagged "
+                                         f"{rows[-1]['unreliable']} of {len(infos)}")
+        if "ensemble" in args.methods:
+            torch.manual_seed(args.seed)
+            make = lambda: ESTIMATORS["nsf"].build()(prior=prior, x_dim=x.shape[1])  # noqa: E731
+            cap = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+            ens, results = fit_ensemble(TRAINER.build(progress=False, **cap), make, theta, x, args.ensemble,
+                                        seed=args.seed)
+            score(f"physppl NPE ensemble of {args.ensemble} (NSF)", budget, lambda k: ens.sample(obs[k], args.draws),
+                  sum(r.wall_time for r in results), _note(sum(r.epochs for r in results), None) + " in all")
         if "cinn" in args.methods:
             torch.manual_seed(args.seed)
             est_c, wall, note = _train_physppl("cinn", prior, theta, x, args.max_epochs)
@@ -175,7 +191,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[1000, 10_000, 100_000])
     ap.add_argument("--apt-budgets", type=int, nargs="+", default=[1000, 10_000])
     ap.add_argument("--methods", nargs="+", default=["sbi", "npe", "refined", "cinn", "apt"],
-                    choices=["sbi", "npe", "refined", "cinn", "apt"])
+                    choices=["sbi", "npe", "ensemble", "refined", "cinn", "apt"])
+    ap.add_argument("--ensemble", type=int, default=5, help="members of the ensemble method")
     ap.add_argument("--n-obs", type=int, default=10)
     ap.add_argument("--draws", type=int, default=5000, help="posterior and reference draws per observation for C2ST")
     ap.add_argument("--threads", type=int, default=1)

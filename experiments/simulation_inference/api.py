@@ -34,8 +34,9 @@ from omegaconf import DictConfig
 
 from physppl.inference.apt import SequentialAPT
 from physppl.inference.convert import summarize
+from physppl.inference.npe import fit_ensemble
 from physppl.inference.outputs import write_json
-from physppl.inference.refine import ConditionedEstimator, refine
+from physppl.inference.refine import ConditionedEstimator, refine, refinement_metrics
 from physppl.inference.runner import Job, JobSettings, Result, config_options
 
 from .parts import ESTIMATORS, PosteriorPlan, resolve_plan
@@ -141,10 +142,7 @@ def _refine_observation(plan: PosteriorPlan, sim: Simulator, estimator, x_obs: t
             proposals["variational"] = q
             info["focus_pareto_k"] = res.pareto_k
     out = refine(proposals, loglik, sim.prior, n_draws, plan.refinement)
-    info.update(refined_with=out.method, refine_pareto_k=out.pareto_k, refine_ess=out.ess,
-                refine_accept_rate=out.accept_rate, refine_reliable=out.reliable, refine_candidates=out.candidates)
-    if out.warning:
-        info["refine_warning"] = out.warning
+    info.update(out.info())
     return out.draws, info
 
 
@@ -236,7 +234,8 @@ def infer_sbi(
         ``estimator(prior=, x_dim=)`` returning a :class:`~physppl.inference.estimators.PosteriorEstimator`.
     plan : str or PosteriorPlan
         ``"npe"`` (amortized, then importance refinement where the likelihood is tractable), ``"npe_amortized"``,
-        ``"apt"`` (4 APT rounds per observation, then refinement), ``"apt_only"``, or your plan.
+        ``"npe_ensemble"`` (the mixture of 5 networks, amortized only), ``"apt"`` (4 APT rounds per observation,
+        then refinement), ``"apt_only"``, or your plan.
     n_simulations : int
         Prior simulations for the amortized posterior.
     n_draws : int
@@ -263,14 +262,25 @@ def infer_sbi(
         theta, x, dropped = _training_set(sim, n_simulations, gen)
         sim_time = time.perf_counter() - t0
         log.info("%s; %d simulations (%.1f s); prior %s", label, len(theta), sim_time, sim.prior.describe())
-        est = make(prior=sim.prior, x_dim=sim.x_dim)
-        res = plan.trainer.fit(est, theta, x, workdir=workdir, name="npe_checkpoint")
+        if plan.ensemble > 1:
+            est, results = fit_ensemble(plan.trainer, lambda: make(prior=sim.prior, x_dim=sim.x_dim), theta, x,
+                                        plan.ensemble, seed=job.seed, workdir=workdir)
+        else:
+            est = make(prior=sim.prior, x_dim=sim.x_dim)
+            results = [plan.trainer.fit(est, theta, x, workdir=workdir, name="npe_checkpoint")]
+        res = results[0]
+        stops = sorted({r.stop_reason for r in results})
         metrics: dict = {"n_obs": int(x_obs.shape[0]), "n_simulations": int(n_simulations),
                          "simulations_dropped": dropped, "simulation_time": sim_time, "estimator": est.kind,
-                         "rounds": plan.rounds, "likelihood": sim.has_likelihood,
+                         "rounds": plan.rounds, "ensemble": plan.ensemble, "likelihood": sim.has_likelihood,
                          "refinement": plan.refinement is not None and sim.has_likelihood,
-                         "train_time": res.wall_time, "epochs": res.epochs, "best_val_loss": res.best_val_loss,
-                         "stop_reason": res.stop_reason, "converged": "budget" not in res.stop_reason}
+                         "train_time": float(sum(r.wall_time for r in results)),
+                         "epochs": int(sum(r.epochs for r in results)),
+                         "best_val_loss": float(np.mean([r.best_val_loss for r in results])),
+                         "stop_reason": "; ".join(stops), "converged": all("budget" not in r for r in stops)}
+        if plan.ensemble > 1:
+            metrics.update(member_epochs=[r.epochs for r in results],
+                           member_best_val_loss=[r.best_val_loss for r in results])
         failed: list[str] = []
         draws, infos = [], []
         for k in range(x_obs.shape[0]):
@@ -290,8 +300,6 @@ def infer_sbi(
             if plan.refinement is not None and sim.has_likelihood:
                 d, rinfo = _refine_observation(plan, sim, net, x_obs[k], n_draws, f"observation {k}")
                 info.update(rinfo)
-                if not rinfo["refine_reliable"]:
-                    failed.append(f"refinement_unreliable: observation {k}: {rinfo['refine_warning']}")
             else:
                 d = net.sample(x_obs[k], n_draws)
             info["time"] = time.perf_counter() - t1
@@ -300,8 +308,9 @@ def infer_sbi(
         draws_t = torch.stack(draws)
         metrics["infer_time"] = float(sum(i["time"] for i in infos))
         if plan.refinement is not None and sim.has_likelihood:
-            metrics["refine_pareto_k_max"] = float(max(i["refine_pareto_k"] for i in infos))
-            metrics["refine_ess_min"] = float(min(i["refine_ess"] for i in infos))
+            refined = refinement_metrics(infos)
+            failed.extend(refined.pop("failed_checks", []))
+            metrics.update(refined)
         calibration: dict = {"per_observation": infos}
         ref_draws = _reference_c2st(ev, sim, x_obs, draws_t, calibration, metrics, job.seed)
         if truth is not None:
@@ -324,8 +333,12 @@ def infer_sbi(
             metrics["failed_checks"] = failed
         idata = _inference_data(sim, x_obs, draws_t, truth)
         summary = summarize(idata)
-        losses = pd.DataFrame({"step": np.arange(1, len(res.train_losses) + 1), "loss": res.train_losses,
-                               "val_loss": res.val_losses}) if res.train_losses else None
+        # one row per epoch (and member of an ensemble)
+        losses = pd.concat([pd.DataFrame({"member": m, "step": np.arange(1, len(r.train_losses) + 1),
+                                          "loss": r.train_losses, "val_loss": r.val_losses})
+                            for m, r in enumerate(results) if r.train_losses]) if res.train_losses else None
+        if losses is not None and plan.ensemble == 1:
+            losses = losses.drop(columns="member")
         files = {"posterior.pt": lambda p: torch.save(est, p),
                  "calibration.json": lambda p: write_json(p, calibration)}
 

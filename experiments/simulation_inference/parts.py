@@ -33,6 +33,9 @@ class PosteriorPlan:
     focus : VariationalFocus, optional
         A per-observation variational fit (box priors), offered to the refinement as a further proposal; the
         better diagnosed one is used.
+    ensemble : int
+        Estimators trained from different initialisations and joined into their mixture (1: one network; APT
+        rounds train one network, so ``rounds > 1`` needs 1).
     """
 
     trainer: NPETrainer
@@ -41,11 +44,16 @@ class PosteriorPlan:
     num_atoms: int = 10
     refinement: ImportanceRefinement | None = None
     focus: VariationalFocus | None = None
+    ensemble: int = 1
 
     def __post_init__(self):
         if int(self.rounds) < 1:
             raise ValueError(f"PosteriorPlan: rounds must be >= 1, got {self.rounds}")
-        self.rounds = int(self.rounds)
+        if int(self.ensemble) < 1:
+            raise ValueError(f"PosteriorPlan: ensemble must be >= 1, got {self.ensemble}")
+        if int(self.ensemble) > 1 and int(self.rounds) > 1:
+            raise ValueError("PosteriorPlan: APT rounds (rounds > 1) retrain one network; use ensemble=1 with them")
+        self.rounds, self.ensemble = int(self.rounds), int(self.ensemble)
 
 
 # measured on two_moons and slcp at 10^3-10^5 simulations (experiments/benchmarks/sbibm.py): sbi's own training
@@ -57,6 +65,9 @@ REFINE = Preset(ImportanceRefinement, n_proposal=20_000, defensive=0.05, mcmc_st
 PLANS: dict[str, Preset] = {
     "npe": Preset(PosteriorPlan, trainer=TRAINER, refinement=REFINE),       # amortized, refined where possible
     "npe_amortized": Preset(PosteriorPlan, trainer=TRAINER),                # the network's draws only
+    # the best amortized posterior: 5 networks' mixture (sbibm's slcp at 10^4 simulations: C2ST 0.820 against 0.864
+    # for one network and 0.848 for sbi's NSF, at 5x the training)
+    "npe_ensemble": Preset(PosteriorPlan, trainer=TRAINER, ensemble=5),
     "apt": Preset(PosteriorPlan, trainer=TRAINER, rounds=4, refinement=REFINE),
     "apt_only": Preset(PosteriorPlan, trainer=TRAINER, rounds=4),           # rounds, no likelihood used
 }
