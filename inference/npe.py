@@ -38,7 +38,8 @@ from .interrupt import Interrupted, stop_if_signalled, watch_signals
 from .outputs import atomic_write
 from .svi import TrainingDivergedError
 
-__all__ = ["SBIPlan", "NPETrainer", "NPEResult", "fit_ensemble", "AmortizedPosterior", "load_posterior", "VariationalFocus", "FocusResult", "importance_diagnostics",
+__all__ = ["SBIPlan", "NPETrainer", "NPEResult", "fit_ensemble", "AmortizedPosterior", "load_posterior",
+           "VariationalFocus", "FocusResult", "importance_diagnostics",
            "TruncatedSequentialNPE", "truncation_box"]
 
 log = logging.getLogger(__name__)

@@ -92,18 +92,22 @@ class GaussianMixtureProposal:
     def __init__(self, draws: torch.Tensor, max_components: int = 8, inflate: float = 1.3, seed: int = 0):
         from sklearn.mixture import GaussianMixture
 
-        x = draws.double().numpy()
+        # fitted on z-scored draws (parameters in different units), mapped back afterwards
+        d = draws.double()
+        loc, scale = d.mean(0), d.std(0).clamp_min(1e-12)
+        z = ((d - loc) / scale).numpy()
         best, best_bic = None, float("inf")
         for k in range(1, int(max_components) + 1):
-            gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-9, random_state=seed).fit(x)
-            bic = gm.bic(x)
+            gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(z)
+            bic = gm.bic(z)
             if bic < best_bic:
                 best, best_bic = gm, bic
         self.n_components = int(best.n_components)
-        cov = torch.as_tensor(best.covariances_) * float(inflate) ** 2
+        means = loc + scale * torch.as_tensor(best.means_)
+        cov = torch.as_tensor(best.covariances_) * (scale[:, None] * scale[None, :]) * float(inflate) ** 2
         self.dist = torch.distributions.MixtureSameFamily(
             torch.distributions.Categorical(probs=torch.as_tensor(best.weights_)),
-            torch.distributions.MultivariateNormal(torch.as_tensor(best.means_), covariance_matrix=cov))
+            torch.distributions.MultivariateNormal(means, covariance_matrix=cov))
         self.dtype = draws.dtype
 
     def sample_and_log_prob(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,6 +320,47 @@ class ImportanceRefinement:
         return res.particles[pick], res
 
 
+def _smc_fallback(opts: ImportanceRefinement, q: Proposal, prior: Prior, log_likelihood: Callable, n_draws: int,
+                  method: str, diag: dict, candidates: dict, failed: str) -> RefinementResult:
+    """Tempered SMC from ``q``, then importance sampling with a mixture fitted to its particles (see the module
+    docstring); ``diag`` is ``q``'s failed importance check, ``failed`` the sentence that says so."""
+    draws, res = opts.tempered_smc(q, prior, log_likelihood, n_draws)
+    ok = res.betas[-1] >= 1.0 and res.capped == 0
+    summary = {"stages": res.stages, "betas": res.betas, "accept_rates": res.accept_rates, "moves": res.moves,
+               "capped_stages": res.capped, "log_evidence": res.log_evidence, "particles": len(res.particles)}
+    if not ok:
+        warning = (f"{failed}; the tempered SMC fallback did not pass its own check (reached temperature "
+                   f"{res.betas[-1]:.3f} in {res.stages} stages; {res.capped} stages stopped at "
+                   f"{opts.smc_max_moves} moves before 99% of the particles had moved, lowest acceptance "
+                   f"{res.min_accept:.3f})")
+        log.warning("refinement: %s", warning)
+        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
+                                accept_rate=res.min_accept, reliable=False, candidates=candidates, warning=warning,
+                                smc=summary)
+    log.info("refinement: tempered SMC reached the posterior in %d stages, lowest acceptance %.3f", res.stages,
+             res.min_accept)
+    # the particles' shares of the modes are noisy: a mixture fitted to them, checked by its own Pareto k,
+    # re-weights them, and its draws are returned when the check passes (else the particles themselves)
+    try:
+        gmm = GaussianMixtureProposal(res.particles, seed=opts.seed)
+        dg = opts.diagnose(gmm, prior, log_likelihood)
+    except (ValueError, RuntimeError) as err:  # a degenerate fit (e.g. a singular covariance)
+        log.warning("refinement: no Gaussian mixture could be fitted to the SMC particles (%s); their own draws "
+                    "are returned", err)
+        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
+                                accept_rate=res.min_accept, reliable=True, candidates=candidates, smc=summary)
+    summary.update(mixture_components=gmm.n_components, mixture_pareto_k=float(dg["pareto_k"]),
+                   mixture_ess=float(dg["ess"]))
+    log.info("refinement: mixture of %d Gaussians on the SMC particles: Pareto k %.3f, ESS %.0f",
+             gmm.n_components, dg["pareto_k"], dg["ess"])
+    if dg["pareto_k"] > opts.k_threshold:
+        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
+                                accept_rate=res.min_accept, reliable=True, candidates=candidates, smc=summary)
+    mixed, rate = opts.resample_and_move(gmm, prior, log_likelihood, dg, n_draws)
+    return RefinementResult(draws=mixed, method=f"{method}+mixture", pareto_k=float(dg["pareto_k"]),
+                            ess=float(dg["ess"]), accept_rate=rate, reliable=True, candidates=candidates, smc=summary)
+
+
 def refine(proposals: Mapping[str, object], log_likelihood: Callable[[torch.Tensor], torch.Tensor], prior,
            n_draws: int, options: ImportanceRefinement | None = None) -> RefinementResult:
     """Refine against the likelihood with each candidate ``proposals[name]`` and keep the best diagnosed.
@@ -346,38 +391,7 @@ def refine(proposals: Mapping[str, object], log_likelihood: Callable[[torch.Tens
                   f"{d['pareto_k']:.2f} > {opts.k_threshold:g}, ESS {d['ess']:.0f})")
         if not reliable and opts.smc_particles > 0:
             log.warning("refinement: %s; falling back to tempered SMC from it", failed)
-            draws, res = opts.tempered_smc(q, prior, log_likelihood, n_draws)
-            ok = res.betas[-1] >= 1.0 and res.capped == 0
-            summary = {"stages": res.stages, "betas": res.betas, "accept_rates": res.accept_rates,
-                       "moves": res.moves, "capped_stages": res.capped, "log_evidence": res.log_evidence,
-                       "particles": len(res.particles)}
-            if ok:
-                # the particles' mode shares are noisy: a mixture fitted to them, checked by its own Pareto k,
-                # re-weights them (and its draws are returned when the check passes)
-                gmm = GaussianMixtureProposal(res.particles, seed=opts.seed)
-                dg = opts.diagnose(gmm, prior, log_likelihood)
-                summary.update(mixture_components=gmm.n_components, mixture_pareto_k=float(dg["pareto_k"]),
-                               mixture_ess=float(dg["ess"]))
-                log.info("refinement: mixture of %d Gaussians on the SMC particles: Pareto k %.3f, ESS %.0f",
-                         gmm.n_components, dg["pareto_k"], dg["ess"])
-                if dg["pareto_k"] <= opts.k_threshold:
-                    draws, rate = opts.resample_and_move(gmm, prior, log_likelihood, dg, n_draws)
-                    return RefinementResult(draws=draws, method=f"{best}+smc+mixture", pareto_k=float(dg["pareto_k"]),
-                                            ess=float(dg["ess"]), accept_rate=rate, reliable=True,
-                                            candidates=candidates, warning=None, smc=summary)
-            warning = None
-            if not ok:
-                warning = (f"{failed}; the tempered SMC fallback did not pass its own check (reached temperature "
-                           f"{res.betas[-1]:.3f} in {res.stages} stages; {res.capped} stages stopped at "
-                           f"{opts.smc_max_moves} moves before 99% of the particles had moved, lowest acceptance "
-                           f"{res.min_accept:.3f})")
-                log.warning("refinement: %s", warning)
-            else:
-                log.info("refinement: tempered SMC reached the posterior in %d stages, lowest acceptance %.3f",
-                         res.stages, res.min_accept)
-            return RefinementResult(draws=draws, method=f"{best}+smc", pareto_k=float(d["pareto_k"]),
-                                    ess=float(d["ess"]), accept_rate=res.min_accept, reliable=ok,
-                                    candidates=candidates, warning=warning, smc=summary)
+            return _smc_fallback(opts, q, prior, log_likelihood, n_draws, f"{best}+smc", d, candidates, failed)
         draws, rate = opts.resample_and_move(q, prior, log_likelihood, d, n_draws)
     warning = None
     if not reliable:

@@ -108,7 +108,8 @@ def test_an_ensemble_is_the_normalised_mixture_of_its_members_and_draws_from_it(
     # the draws' histogram on a coarse grid against the mixture's mass per cell
     edges = torch.linspace(-1, 1, 5)
     counts = torch.histogramdd(draws, bins=[edges, edges]).hist.flatten() / len(draws)
-    cell = torch.bucketize(grid[:, 0].contiguous(), edges[1:-1]) * 4 + torch.bucketize(grid[:, 1].contiguous(), edges[1:-1])
+    inner = edges[1:-1]
+    cell = torch.bucketize(grid[:, 0].contiguous(), inner) * 4 + torch.bucketize(grid[:, 1].contiguous(), inner)
     mass = torch.zeros(16).index_add_(0, cell, mean.float())
     np.testing.assert_allclose(counts.numpy(), (mass / mass.sum()).numpy(), atol=0.015)
     # batched observations: one draw set per observation
@@ -223,6 +224,10 @@ def test_importance_refinement_recovers_four_modes_where_reverse_kl_collapses():
     np.testing.assert_allclose(quadrant_masses(rescued.draws), 0.25, atol=0.03)
     upper = rescued.draws[(rescued.draws > 0).all(-1)]
     np.testing.assert_allclose(upper.mean(0).numpy(), [1.0, 1.0], atol=0.03)
+    # an SMC held to too few moves per stage fails its own check, and says so
+    starved = refine({"variational": q}, loglik, prior, 1000, ImportanceRefinement(smc_max_moves=1, seed=0))
+    assert not starved.reliable and starved.method == "variational+smc" and "own check" in starved.warning
+    assert starved.smc["capped_stages"] > 0
 
 
 def test_tempered_smc_reaches_a_known_posterior_from_a_misplaced_proposal():

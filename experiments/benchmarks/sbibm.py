@@ -138,15 +138,17 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
         if "apt" in args.methods and budget in args.apt_budgets:
             torch.manual_seed(args.seed)
             half = budget // 2
-            est0, wall0, _ = _train_physppl("nsf", prior, theta[:half], x[:half])
+            est0, wall0, _ = _train_physppl("nsf", prior, theta[:half], x[:half], args.max_epochs)
             walls, records = [], []
 
             def apt_draws(k):
                 net = ESTIMATORS["nsf"].build()(prior=prior, x_dim=x.shape[1])
                 net.load_state_dict(est0.state_dict())
                 t0 = time.perf_counter()
-                runner = SequentialAPT(TRAINER.build(progress=False), rounds=2, simulations_per_round=budget - half,
-                                       seed=args.seed + k, stop_when_stalled=False)
+                cap = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+                trainer = TRAINER.build(progress=False, **cap)
+                runner = SequentialAPT(trainer, rounds=2, simulations_per_round=budget - half, seed=args.seed + k,
+                                       stop_when_stalled=False)
                 net, record = runner.run(net, prior, task.simulate, obs[k], theta=theta[:half], x=x[:half],
                                          trained=True)
                 walls.append(time.perf_counter() - t0)
