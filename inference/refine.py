@@ -30,7 +30,7 @@ import torch
 
 from .npe import importance_diagnostics
 from .priors import Prior, as_prior
-from .smc import TemperedSMC
+from .smc import TemperedSMC, nan_to_neg_inf
 
 __all__ = ["Proposal", "ConditionedEstimator", "ImportanceRefinement", "RefinementResult", "refine",
            "refinement_metrics"]
@@ -254,12 +254,7 @@ class ImportanceRefinement:
 
     def _log_weights(self, theta: torch.Tensor, log_mix: torch.Tensor, prior: Prior,
                      log_likelihood: Callable) -> torch.Tensor:
-        parts = []
-        with torch.no_grad():
-            for s in range(0, len(theta), self.batch_size):
-                parts.append(log_likelihood(theta[s:s + self.batch_size]))
-        lw = torch.cat(parts).double() + prior.log_prob(theta).double() - log_mix.double()
-        return torch.where(torch.isnan(lw), torch.full_like(lw, -float("inf")), lw)
+        return nan_to_neg_inf(self._log_target(theta, prior, log_likelihood) - log_mix.double())
 
     def diagnose(self, q: Proposal, prior: Prior, log_likelihood: Callable) -> dict:
         theta, log_mix = self._mixture_draws(q, prior, self.n_proposal)
@@ -301,7 +296,7 @@ class ImportanceRefinement:
             with torch.no_grad():
                 ll = torch.cat([log_likelihood(th[s:s + self.batch_size]).double()
                                 for s in range(0, len(th), self.batch_size)])
-            out[inside] = torch.nan_to_num(ll, nan=-float("inf")) + lp[inside]
+            out[inside] = nan_to_neg_inf(ll) + lp[inside]
         return out
 
     def tempered_smc(self, q: Proposal, prior: Prior, log_likelihood: Callable, n_draws: int):
@@ -328,15 +323,20 @@ def _smc_fallback(opts: ImportanceRefinement, q: Proposal, prior: Prior, log_lik
     ok = res.betas[-1] >= 1.0 and res.capped == 0
     summary = {"stages": res.stages, "betas": res.betas, "accept_rates": res.accept_rates, "moves": res.moves,
                "capped_stages": res.capped, "log_evidence": res.log_evidence, "particles": len(res.particles)}
+
+    def particles(reliable: bool, warning: str | None = None) -> RefinementResult:
+        """The SMC's own particles as the answer (``q``'s failed check kept as the record's k-hat and ESS)."""
+        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
+                                accept_rate=res.min_accept, reliable=reliable, candidates=candidates,
+                                warning=warning, smc=summary)
+
     if not ok:
         warning = (f"{failed}; the tempered SMC fallback did not pass its own check (reached temperature "
                    f"{res.betas[-1]:.3f} in {res.stages} stages; {res.capped} stages stopped at "
                    f"{opts.smc_max_moves} moves before 99% of the particles had moved, lowest acceptance "
                    f"{res.min_accept:.3f})")
         log.warning("refinement: %s", warning)
-        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
-                                accept_rate=res.min_accept, reliable=False, candidates=candidates, warning=warning,
-                                smc=summary)
+        return particles(reliable=False, warning=warning)
     log.info("refinement: tempered SMC reached the posterior in %d stages, lowest acceptance %.3f", res.stages,
              res.min_accept)
     # the particles' shares of the modes are noisy: a mixture fitted to them, checked by its own Pareto k,
@@ -347,15 +347,13 @@ def _smc_fallback(opts: ImportanceRefinement, q: Proposal, prior: Prior, log_lik
     except (ValueError, RuntimeError) as err:  # a degenerate fit (e.g. a singular covariance)
         log.warning("refinement: no Gaussian mixture could be fitted to the SMC particles (%s); their own draws "
                     "are returned", err)
-        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
-                                accept_rate=res.min_accept, reliable=True, candidates=candidates, smc=summary)
+        return particles(reliable=True)
     summary.update(mixture_components=gmm.n_components, mixture_pareto_k=float(dg["pareto_k"]),
                    mixture_ess=float(dg["ess"]))
     log.info("refinement: mixture of %d Gaussians on the SMC particles: Pareto k %.3f, ESS %.0f",
              gmm.n_components, dg["pareto_k"], dg["ess"])
     if dg["pareto_k"] > opts.k_threshold:
-        return RefinementResult(draws=draws, method=method, pareto_k=float(diag["pareto_k"]), ess=float(diag["ess"]),
-                                accept_rate=res.min_accept, reliable=True, candidates=candidates, smc=summary)
+        return particles(reliable=True)
     mixed, rate = opts.resample_and_move(gmm, prior, log_likelihood, dg, n_draws)
     return RefinementResult(draws=mixed, method=f"{method}+mixture", pareto_k=float(dg["pareto_k"]),
                             ess=float(dg["ess"]), accept_rate=rate, reliable=True, candidates=candidates, smc=summary)

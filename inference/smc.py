@@ -24,7 +24,13 @@ from typing import Callable
 
 import torch
 
-__all__ = ["TemperedSMC", "SMCResult"]
+__all__ = ["TemperedSMC", "SMCResult", "nan_to_neg_inf"]
+
+
+def nan_to_neg_inf(t: torch.Tensor) -> torch.Tensor:
+    """NaN (e.g. ``-inf - -inf`` outside a support) read as zero density; infinities kept as they are, which
+    ``torch.nan_to_num`` would turn into the largest floats."""
+    return torch.where(torch.isnan(t), torch.full_like(t, -math.inf), t)
 
 
 @dataclass
@@ -37,7 +43,6 @@ class SMCResult:
     moves : Metropolis-Hastings moves per stage
     capped : stages whose moves stopped at ``max_moves`` before 99% of the particles had moved
     log_evidence : estimate of ``log p(x_o)`` relative to the proposal's normalisation
-    moved : fraction of the particles moved at least once in the last stage
     """
 
     particles: torch.Tensor
@@ -46,7 +51,6 @@ class SMCResult:
     moves: list[int]
     capped: int
     log_evidence: float
-    moved: float
 
     @property
     def stages(self) -> int:
@@ -112,10 +116,10 @@ class TemperedSMC:
         theta, lg = sample_g(n)
         lg = lg.double()
         lt = log_target(theta).double()
-        r = torch.nan_to_num(lt - lg, nan=-math.inf)
+        r = nan_to_neg_inf(lt - lg)
         beta, log_z = 0.0, 0.0
         betas, rates, moves_done = [], [], []
-        capped, moved_frac = 0, 0.0
+        capped = 0
         d = theta.shape[-1]
         scale = 2.38 / math.sqrt(d)
         for _ in range(self.max_stages):
@@ -129,9 +133,8 @@ class TemperedSMC:
             theta, lg, lt, r = theta[idx], lg[idx], lt[idx], r[idx]
 
             def log_pi(lg_, lt_):
-                return torch.nan_to_num((1.0 - beta) * lg_ + beta * lt_, nan=-math.inf)
+                return nan_to_neg_inf((1.0 - beta) * lg_ + beta * lt_)
 
-            moved = torch.zeros(n, dtype=torch.bool)
             accepted, steps, target_steps = 0, 0, self.min_moves
             while steps < target_steps:
                 if steps % 2 == 0:
@@ -149,10 +152,10 @@ class TemperedSMC:
                     lt_p = log_target(prop).double()
                     log_a = log_pi(lg_p, lt_p) - log_pi(lg, lt) - (lg_p - lg)
                 u = torch.rand(n, generator=gen, dtype=torch.float64)
-                acc = torch.log(u) < torch.nan_to_num(log_a, nan=-math.inf)
+                acc = torch.log(u) < nan_to_neg_inf(log_a)
                 theta = torch.where(acc[:, None], prop, theta)
                 lg, lt = torch.where(acc, lg_p, lg), torch.where(acc, lt_p, lt)
-                accepted, steps, moved = accepted + int(acc.sum()), steps + 1, moved | acc
+                accepted, steps = accepted + int(acc.sum()), steps + 1
                 if steps % 2 == 1:
                     rw_rate = float(acc.float().mean())
                     scale *= math.exp(rw_rate - 0.3)  # Robbins-Monro-like nudge towards 0.3
@@ -163,10 +166,9 @@ class TemperedSMC:
                     if target_steps > self.max_moves:
                         capped += 1
                     target_steps = min(target_steps, self.max_moves)
-            r = torch.nan_to_num(lt - lg, nan=-math.inf)
+            r = nan_to_neg_inf(lt - lg)
             betas.append(beta)
             rates.append(accepted / (steps * n))
             moves_done.append(steps)
-            moved_frac = float(moved.float().mean())
         return SMCResult(particles=theta, betas=betas, accept_rates=rates, moves=moves_done, capped=capped,
-                         log_evidence=log_z, moved=moved_frac)
+                         log_evidence=log_z)

@@ -388,7 +388,7 @@ def test_infer_sbi_refines_two_moons_and_seeds_reproduce(tmp_path):
 
 
 def test_infer_sbi_trains_an_ensemble_whose_members_differ_and_saves_it(tmp_path):
-    plan = PLANS["npe_amortized"].build(trainer=TRAINER.build(max_epochs=5, progress=False), ensemble=2)
+    plan = PLANS["npe_ensemble"].build(trainer=TRAINER.build(max_epochs=5, progress=False), ensemble=2)
     res = physppl.infer_sbi(TwoMoons(), n_simulations=600, n_observations=1, n_draws=200, plan=plan,
                             estimator=lambda prior, x_dim: build_estimator(prior, x_dim, transforms=2, hidden=(16,)),
                             evaluate={"sbc": 0, "c2st_draws": 200, "plots": 0}, workdir=tmp_path)
@@ -406,6 +406,19 @@ def test_infer_sbi_trains_an_ensemble_whose_members_differ_and_saves_it(tmp_path
         assert float(a.log_prob(theta, torch.zeros(2))) != float(b.log_prob(theta, torch.zeros(2)))
     with pytest.raises(ValueError, match="ensemble=1"):
         PLANS["apt"].build(ensemble=3)
+    with pytest.raises(ValueError, match="ensemble must be >= 1"):
+        PLANS["npe"].build(ensemble=0)
+
+
+def test_refinement_and_smc_options_are_checked():
+    from physppl.inference.smc import TemperedSMC
+
+    with pytest.raises(ValueError, match="smc_defensive must be in"):
+        ImportanceRefinement(smc_defensive=1.0)
+    with pytest.raises(ValueError, match="defensive must be in"):
+        ImportanceRefinement(defensive=-0.1)
+    with pytest.raises(ValueError, match="ess_fraction must be in"):
+        TemperedSMC(ess_fraction=1.5)
 
 
 def test_command_line_runs_a_users_simulator_class_on_an_observed_file(tmp_path):

@@ -54,10 +54,14 @@ PUBLISHED_NPE = {"two_moons": (0.7251, 0.6064, 0.5417), "slcp": (0.9752, 0.9006,
 PUBLISHED_SNPE = {"two_moons": (0.6434, 0.5539, 0.5298), "slcp": (0.9652, 0.8445, 0.6656)}
 
 
+def _trainer(max_epochs=None):
+    """The engine's trainer, quiet, with the benchmark's epoch cap when one is given."""
+    return TRAINER.build(progress=False, **({} if max_epochs is None else {"max_epochs": max_epochs}))
+
+
 def _train_physppl(kind: str, prior, theta, x, max_epochs=None):
     est = ESTIMATORS[kind].build()(prior=prior, x_dim=x.shape[1])
-    cap = {} if max_epochs is None else {"max_epochs": max_epochs}
-    res = TRAINER.build(progress=False, **cap).fit(est, theta, x)
+    res = _trainer(max_epochs).fit(est, theta, x)
     return est, res.wall_time, _note(res.epochs, max_epochs)
 
 
@@ -126,9 +130,7 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
         if "ensemble" in args.methods:
             torch.manual_seed(args.seed)
             make = lambda: ESTIMATORS["nsf"].build()(prior=prior, x_dim=x.shape[1])  # noqa: E731
-            cap = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-            ens, results = fit_ensemble(TRAINER.build(progress=False, **cap), make, theta, x, args.ensemble,
-                                        seed=args.seed)
+            ens, results = fit_ensemble(_trainer(args.max_epochs), make, theta, x, args.ensemble, seed=args.seed)
             score(f"physppl NPE ensemble of {args.ensemble} (NSF)", budget, lambda k: ens.sample(obs[k], args.draws),
                   sum(r.wall_time for r in results), _note(sum(r.epochs for r in results), None) + " in all")
         if "cinn" in args.methods:
@@ -145,10 +147,8 @@ def run_task(name: str, refs: dict, args) -> list[dict]:
                 net = ESTIMATORS["nsf"].build()(prior=prior, x_dim=x.shape[1])
                 net.load_state_dict(est0.state_dict())
                 t0 = time.perf_counter()
-                cap = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-                trainer = TRAINER.build(progress=False, **cap)
-                runner = SequentialAPT(trainer, rounds=2, simulations_per_round=budget - half, seed=args.seed + k,
-                                       stop_when_stalled=False)
+                runner = SequentialAPT(_trainer(args.max_epochs), rounds=2, simulations_per_round=budget - half,
+                                       seed=args.seed + k, stop_when_stalled=False)
                 net, record = runner.run(net, prior, task.simulate, obs[k], theta=theta[:half], x=x[:half],
                                          trained=True)
                 walls.append(time.perf_counter() - t0)
